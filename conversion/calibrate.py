@@ -1,0 +1,127 @@
+"""Threshold calibration: choose thresholds so that the executed compute on calibration text hits a budget.
+
+The executed fraction is the share of token-layer work that runs: unrouted layers count fully, routed layer j counts
+its routed fraction r_j. A target executed fraction f therefore asks each routed layer for
+`r = (f * L - unrouted) / routed`. Per-layer calibration sets each layer's threshold to the gate quantile that routes
+r of its tokens, layer by layer in order (a threshold changes what later layers see); global calibration bisects one
+threshold for all layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from modification.modeling import MoDForCausalLM
+
+
+def routed_fraction_for_target(model: MoDForCausalLM, target: float) -> float:
+    """The per-routed-layer fraction r that gives an executed fraction `target` for the whole model."""
+    config = model.config
+    n_layers, n_routed = config.num_hidden_layers, len(config.routed_layers)
+    lowest = (n_layers - n_routed) / n_layers
+    if not lowest < target <= 1.0:
+        raise ValueError(
+            f"target executed fraction must lie in ({lowest:.3f}, 1]: {n_layers - n_routed} of {n_layers} layers run "
+            f"every token, got {target}"
+        )
+    return (target * n_layers - (n_layers - n_routed)) / n_routed
+
+
+@torch.no_grad()
+def _collect(model: MoDForCausalLM, batches: Sequence[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Router logits of valid tokens per layer (concatenated over batches) and routed fractions per layer."""
+    logits: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_hidden_layers)]
+    routed = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+    total = 0
+    for batch in batches:
+        out = model(**batch, use_cache=False, output_router_decisions=True, logits_to_keep=1)
+        valid = batch.get("attention_mask")
+        valid = torch.ones_like(batch["input_ids"], dtype=torch.bool) if valid is None else valid.bool()
+        n = int(valid.sum())
+        routed += out.routed_fraction.double().cpu() * n
+        total += n
+        for i, layer_logits in enumerate(out.router_logits):
+            if layer_logits is not None:
+                logits[i].append(layer_logits[valid.to(layer_logits.device)].float().cpu())
+    return [torch.cat(x) if x else torch.empty(0) for x in logits], routed / max(total, 1)
+
+
+def executed_fraction(routed_fraction: torch.Tensor) -> float:
+    """Mean over layers of the routed fraction: the share of token-layer work that ran."""
+    return float(routed_fraction.mean())
+
+
+def _quantile_threshold(logits: torch.Tensor, fraction: float) -> float:
+    """The threshold p that routes `fraction` of the tokens with these router logits (sigmoid(logit) >= p).
+
+    Works in logit space (the model compares logits against logit(p) in float64), so saturated gates still rank.
+    """
+    k = int(round(fraction * logits.numel()))
+    if k <= 0:
+        t = logits.max().item() + 1e-3
+    else:
+        t = torch.sort(logits, descending=True).values[k - 1].item()
+    t = min(max(t, -30.0), 30.0)
+    return 1.0 / (1.0 + math.exp(-t))
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    model: MoDForCausalLM,
+    batches: Iterable[dict],
+    target: float,
+    per_layer: bool = True,
+    progress: bool = True,
+    bisection_steps: int = 24,
+) -> dict:
+    """Set `model.config.router_threshold` so that the executed fraction on `batches` is about `target`.
+
+    `batches` are model inputs (`input_ids` and optionally `attention_mask`). Returns the calibration record that is
+    also stored in `model.config.calibration`.
+    """
+    if model.config.router_kind != "threshold":
+        raise ValueError(f"calibration sets thresholds: router_kind must be 'threshold', not {model.config.router_kind!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration needs at least one batch of text")
+    r = routed_fraction_for_target(model, target)
+    was_training = model.training
+    model.eval()
+    layers = model.config.routed_layers
+    if per_layer:
+        thresholds = [0.5] * len(layers)
+        # Route everything downstream while calibrating layer j, then fix j and move on.
+        for j, layer_idx in enumerate(tqdm(layers, desc="calibrating layers", disable=not progress)):
+            model.config.router_threshold = thresholds[:j] + [0.5] * (len(layers) - j)
+            logits, _ = _collect(model, batches)
+            thresholds[j] = _quantile_threshold(logits[layer_idx], r)
+        model.config.router_threshold = thresholds
+    else:
+        # Bisect in logit space: the executed fraction falls monotonically as the threshold rises.
+        lo, hi = -30.0, 30.0
+        for _ in tqdm(range(bisection_steps), desc="calibrating threshold", disable=not progress):
+            mid = (lo + hi) / 2
+            model.config.router_threshold = 1.0 / (1.0 + math.exp(-mid))
+            _, routed = _collect(model, batches)
+            if executed_fraction(routed) > target:
+                lo = mid
+            else:
+                hi = mid
+        model.config.router_threshold = 1.0 / (1.0 + math.exp(-(lo + hi) / 2))
+    _, routed = _collect(model, batches)
+    model.config.validate_routing()
+    record = {
+        "target_executed_fraction": target,
+        "measured_executed_fraction": round(executed_fraction(routed), 6),
+        "per_layer_routed_fraction": [round(float(x), 6) for x in routed],
+        "mode": "per_layer" if per_layer else "global",
+        "tokens": int(sum(int(b["input_ids"].numel()) for b in batches)),
+    }
+    model.config.calibration = record
+    model.train(was_training)
+    return record

@@ -1,0 +1,158 @@
+"""Checkpoint folders: atomic writes, the custom-code files every MoD checkpoint carries, and loading with checks."""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from modification.modeling import MoDConfig, MoDForCausalLM
+
+
+MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+# The files copied into every checkpoint (they import only torch, transformers and each other).
+CODE_FILES = ("configuration_mod.py", "modeling_mod.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_mod.MoDConfig",
+    "AutoModel": "modeling_mod.MoDModel",
+    "AutoModelForCausalLM": "modeling_mod.MoDForCausalLM",
+}
+
+
+class CheckpointError(ValueError):
+    """A folder or Hub repo that is not a usable MoD checkpoint."""
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `out`; on success it becomes `out`, on error it is removed.
+
+    Nobody ever sees a half-written checkpoint at `out`: either the old content (or nothing) or the new one.
+    """
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_hub_id(name: str) -> bool:
+    """True for `org/name`-style ids that are not an existing local path."""
+    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def stale_code_files(folder: str | os.PathLike) -> list[str]:
+    """The modeling files missing from `folder` or differing from this package's copy."""
+    folder = Path(folder)
+    return [
+        name
+        for name in CODE_FILES
+        if not (folder / name).is_file() or not filecmp.cmp(folder / name, MODELING_DIR / name, shallow=False)
+    ]
+
+
+def write_code_files(folder: str | os.PathLike) -> None:
+    """Copy this package's modeling files into `folder` and make config.json's `auto_map` point at them."""
+    folder = Path(folder)
+    for name in CODE_FILES:
+        shutil.copyfile(MODELING_DIR / name, folder / name)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = dict(AUTO_MAP)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(model: MoDForCausalLM, folder: str | os.PathLike, tokenizer=None) -> None:
+    """Save weights (safetensors), config with `auto_map`, the modeling files and the tokenizer into `folder`."""
+    model.save_pretrained(folder)
+    write_code_files(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder for `name_or_path`: the folder itself, or the Hub snapshot (from the cache when offline)."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{name_or_path} is a file, not a checkpoint folder")
+        return path
+    if not is_hub_id(name_or_path):
+        raise CheckpointError(f"{name_or_path} is neither an existing folder nor a Hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name_or_path, revision=revision))
+    except LocalEntryNotFoundError as err:
+        raise CheckpointError(
+            f"{name_or_path} is not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)"
+        ) from err
+    except HfHubHTTPError as err:
+        raise CheckpointError(f"could not download {name_or_path} from the Hub: {err}") from err
+
+
+def read_mod_config(folder: str | os.PathLike) -> MoDConfig:
+    """Read and validate the config of a MoD checkpoint folder, with a clear error for anything else."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json: not a model checkpoint")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
+    if raw.get("model_type") != MoDConfig.model_type:
+        raise CheckpointError(
+            f"{folder} holds a {raw.get('model_type')!r} model, not a MoD checkpoint (model_type "
+            f"{MoDConfig.model_type!r}); convert it first with `modification convert --base {folder} --out <dir>`"
+        )
+    try:
+        return MoDConfig.from_pretrained(folder)
+    except ValueError as err:
+        raise CheckpointError(f"{config_path}: {err}") from err
+
+
+def load_mod_model(
+    name_or_path: str, dtype: torch.dtype | str = "auto", revision: str | None = None, **kwargs
+) -> tuple[MoDForCausalLM, Path]:
+    """Load a MoD checkpoint (folder or Hub id) with this package's model classes; returns the model and its folder.
+
+    Weights that do not match the config (a corrupt or truncated checkpoint) raise a `CheckpointError`.
+    """
+    folder = resolve_checkpoint(name_or_path, revision)
+    config = read_mod_config(folder)
+    weight_files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    if not weight_files:
+        raise CheckpointError(f"{folder} has no weights (*.safetensors)")
+    try:
+        model, info = MoDForCausalLM.from_pretrained(
+            folder, config=config, dtype=dtype, output_loading_info=True, **kwargs
+        )
+    except Exception as err:  # safetensors / torch raise many types for damaged files
+        raise CheckpointError(f"could not load the weights in {folder}: {err}") from err
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointError(f"the weights in {folder} do not match its config: {problems}")
+    return model, folder

@@ -1,0 +1,137 @@
+"""Base model -> MoD checkpoint: copy every weight exactly, add routers, write config, code and tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
+
+from modification.modeling import MoDConfig, MoDForCausalLM
+from modification.modeling.configuration_mod import SUPPORTED_BASE_MODEL_TYPES
+
+from .checkpoint import atomic_output_dir, save_checkpoint
+
+
+logger = logging.getLogger(__name__)
+
+_COMMON_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
+)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The base model is not a Llama-family architecture this package converts."""
+
+
+def _check_supported(model_type: str | None, where: str) -> None:
+    if model_type not in SUPPORTED_BASE_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"{where} is a {model_type!r} model; MoD conversion supports {', '.join(SUPPORTED_BASE_MODEL_TYPES)}"
+        )
+
+
+def mod_config_from_base(base_config: PreTrainedConfig, **routing: Any) -> MoDConfig:
+    """A `MoDConfig` with the base's architecture and the given routing fields (see `MoDConfig` for their names)."""
+    model_type = base_config.model_type
+    _check_supported(model_type, "the base config")
+    fields = {name: getattr(base_config, name, None) for name in _COMMON_FIELDS}
+    fields["head_dim"] = fields["head_dim"] or base_config.hidden_size // base_config.num_attention_heads
+    fields["rope_parameters"] = dict(base_config.rope_parameters)
+    if model_type == "llama":
+        fields.update(attention_bias=base_config.attention_bias, mlp_bias=base_config.mlp_bias)
+    elif model_type == "qwen2":
+        fields.update(attention_bias=True, attention_out_bias=False)  # Qwen2: biases on q/k/v, none on o
+    elif model_type == "qwen3":
+        fields.update(attention_bias=base_config.attention_bias, qk_norm=True)
+    window = getattr(base_config, "sliding_window", None)
+    layer_types = getattr(base_config, "layer_types", None) or []
+    if window is not None and (model_type == "mistral" or "sliding_attention" in layer_types):
+        logger.warning(
+            "the base model uses sliding-window attention (window %s); MoD layers attend to every earlier routed "
+            "token, which matches the base exactly only for sequences up to the window", window,
+        )
+    fields = {k: v for k, v in fields.items() if v is not None}
+    return MoDConfig(**fields, base_model_type=model_type, **routing)
+
+
+@torch.no_grad()
+def convert_model(base_model: torch.nn.Module, **routing: Any) -> MoDForCausalLM:
+    """Build a MoD model from a loaded Llama/Mistral/Qwen2/Qwen3 causal LM, copying every weight bit for bit."""
+    config = mod_config_from_base(base_model.config, **routing)
+    dtype = next(base_model.parameters()).dtype
+    model = MoDForCausalLM(config).to(dtype)
+    base_state = base_model.state_dict()
+    result = model.load_state_dict(base_state, strict=False)
+    not_router = [k for k in result.missing_keys if ".router." not in k]
+    if result.unexpected_keys or not_router:
+        raise UnsupportedArchitectureError(
+            f"weights do not map onto MoD: unexpected {result.unexpected_keys[:5]}, missing {not_router[:5]}"
+        )
+    own = model.state_dict()
+    for name, tensor in base_state.items():
+        if not torch.equal(own[name], tensor):
+            raise RuntimeError(f"weight {name} was not copied exactly")
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    if getattr(base_model, "generation_config", None) is not None:
+        model.generation_config = base_model.generation_config
+    return model.eval()
+
+
+def convert_checkpoint(
+    base: str,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    revision: str | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    **routing: Any,
+) -> Path:
+    """Convert a base checkpoint (folder or Hub id) into a MoD checkpoint folder at `out`.
+
+    The architecture is checked from the config before any weight is read; the output is written to a temporary
+    folder and renamed into place, so a failure never leaves a half-written `out`.
+    """
+    base_config = AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=trust_remote_code)
+    _check_supported(getattr(base_config, "model_type", None), base)
+    mod_config_from_base(base_config, **routing)  # validate routing arguments before loading weights
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    base_model = AutoModelForCausalLM.from_pretrained(
+        base, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+    )
+    model = convert_model(base_model, **routing)
+    model.config.base_model_name_or_path = base
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        save_checkpoint(model, tmp)
+        if not copy_tokenizer_files(base, tmp, revision=revision):
+            logger.warning("%s has no tokenizer files; the MoD checkpoint has none either", base)
+    return out
+
+
+def copy_tokenizer_files(base: str, dest: Path, revision: str | None = None) -> list[str]:
+    """Copy the base's tokenizer files byte for byte (no re-serialisation that could change them)."""
+    source = Path(base)
+    if not source.is_dir():
+        source = Path(snapshot_download(base, revision=revision, allow_patterns=list(TOKENIZER_FILES)))
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,120 @@
+"""The results JSON: what `modification eval` / `bench` measure and what the model card shows.
+
+One file per checkpoint (`results.json` in the checkpoint folder by default). Every number a model card prints comes
+from here. Sections are optional where a measurement was not made, but what is present must have the right shape;
+`validate_results` raises a `ValueError` naming the first bad field.
+
+Schema (version 1):
+
+    {
+      "schema_version": 1,
+      "model": {"name_or_path": str, "base_model": str | null, "base_model_type": str | null},
+      "routing": {"router_kind": str, "routed_layers": [int], "router_threshold": float | [float],
+                  "gate_mode": str, "topk_capacity": float, "calibration": dict | null},
+      "training": null | {"recipe": str, "data": [str], "steps": int, "sequence_length": int,
+                          "learning_rate": float, "tokens": int, ...},
+      "quality": {
+        "perplexity": [{"dataset": str, "context_length": int, "tokens": int, "mod": float, "base": float | null}],
+        "tasks": [{"task": str, "metric": str, "mod": float, "base": float | null, "num_samples": int | null}]
+      },
+      "efficiency": {
+        "executed_fraction": float, "per_layer_routed_fraction": [float], "kv_ratio": float | null,
+        "latency": [{"context_length": int, "prefill_latency_ratio": float, "ideal_latency_ratio": float,
+                     "kv_ratio": float | null, "peak_memory_ratio": float | null}],
+        "decode": [{"batch_size": int, "throughput_ratio": float}],
+        "hardware": {"device": str, "device_type": str, "dtype": str, ...}
+      },
+      "commands": [str],      # the commands that produced the numbers
+      "created": str          # ISO date
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+SCHEMA_VERSION = 1
+RESULTS_FILENAME = "results.json"
+
+_NUMBER = (int, float)
+
+
+def _check(cond: bool, field: str, expected: str) -> None:
+    if not cond:
+        raise ValueError(f"results field {field!r} must be {expected}")
+
+
+def _check_rows(rows: Any, field: str, required: dict[str, tuple]) -> None:
+    _check(isinstance(rows, list), field, "a list")
+    for i, row in enumerate(rows):
+        _check(isinstance(row, dict), f"{field}[{i}]", "an object")
+        for key, types in required.items():
+            _check(key in row and isinstance(row[key], types), f"{field}[{i}].{key}", f"of type {types}")
+
+
+def validate_results(results: dict) -> dict:
+    """Check the shape of a results dict (see the module docstring); returns it unchanged."""
+    _check(isinstance(results, dict), "<root>", "an object")
+    _check(results.get("schema_version") == SCHEMA_VERSION, "schema_version", f"{SCHEMA_VERSION}")
+    model = results.get("model")
+    _check(isinstance(model, dict) and isinstance(model.get("name_or_path"), str), "model.name_or_path", "a string")
+    routing = results.get("routing")
+    _check(isinstance(routing, dict), "routing", "an object")
+    for key in ("router_kind", "gate_mode"):
+        _check(isinstance(routing.get(key), str), f"routing.{key}", "a string")
+    _check(isinstance(routing.get("routed_layers"), list), "routing.routed_layers", "a list of layer indices")
+    _check(isinstance(routing.get("router_threshold"), (*_NUMBER, list)), "routing.router_threshold",
+           "a number or a list")
+    training = results.get("training")
+    _check(training is None or isinstance(training, dict), "training", "null or an object")
+    quality = results.get("quality", {})
+    _check(isinstance(quality, dict), "quality", "an object")
+    if "perplexity" in quality:
+        _check_rows(quality["perplexity"], "quality.perplexity",
+                    {"dataset": (str,), "context_length": (int,), "mod": _NUMBER, "base": (*_NUMBER, type(None))})
+    if "tasks" in quality:
+        _check_rows(quality["tasks"], "quality.tasks",
+                    {"task": (str,), "metric": (str,), "mod": _NUMBER, "base": (*_NUMBER, type(None))})
+    efficiency = results.get("efficiency", {})
+    _check(isinstance(efficiency, dict), "efficiency", "an object")
+    if "executed_fraction" in efficiency:
+        value = efficiency["executed_fraction"]
+        _check(isinstance(value, _NUMBER) and 0.0 <= value <= 1.0, "efficiency.executed_fraction", "in [0, 1]")
+    if "latency" in efficiency:
+        _check_rows(efficiency["latency"], "efficiency.latency",
+                    {"context_length": (int,), "prefill_latency_ratio": _NUMBER, "ideal_latency_ratio": _NUMBER})
+        _check(isinstance(efficiency.get("hardware"), dict), "efficiency.hardware",
+               "an object naming the device the latencies came from")
+    if "decode" in efficiency:
+        _check_rows(efficiency["decode"], "efficiency.decode", {"batch_size": (int,), "throughput_ratio": _NUMBER})
+    return results
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read and validate a results JSON file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILENAME
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no results file at {path}; run `modification eval` first") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    return validate_results(results)
+
+
+def routing_section(config) -> dict:
+    """The `routing` section of the results, read from a MoDConfig."""
+    return {
+        "router_kind": config.router_kind,
+        "routed_layers": list(config.routed_layers),
+        "router_threshold": config.router_threshold,
+        "gate_mode": config.gate_mode,
+        "topk_capacity": config.topk_capacity,
+        "calibration": config.calibration,
+    }
