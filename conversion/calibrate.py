@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -124,4 +125,59 @@ def calibrate_thresholds(
     }
     model.config.calibration = record
     model.train(was_training)
+    return record
+
+
+def calibrate_checkpoint(
+    model_path: str,
+    target: float,
+    data: list[str],
+    out: str | None = None,
+    seq_len: int = 512,
+    max_blocks: int = 16,
+    held_out_fraction: float = 0.25,
+    per_layer: bool = True,
+    text_field: str = "text",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Calibrate a checkpoint's thresholds to an executed-fraction `target` on `data`; write it to `out` (default:
+    replace the input folder). A share of the blocks is held out and the fraction measured there is recorded too."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import atomic_output_dir, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
+    from .data import load_blocks, split_blocks
+    from .train import write_results
+
+    folder = resolve_checkpoint(model_path)
+    config = read_mod_config(folder)
+    if out is None and not Path(model_path).is_dir():
+        raise ValueError("calibrating a Hub checkpoint needs --out (the Hub cache is read-only)")
+    dest = Path(out) if out is not None else folder
+    if out is not None and dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
+    blocks = torch.cat(load_blocks(data, tokenizer, seq_len, text_field=text_field, progress=progress))[:max_blocks]
+    calib, held_out = split_blocks([blocks], held_out_fraction)
+    model, _ = load_mod_model(str(folder))
+    batches = [{"input_ids": b[None]} for b in calib[0]]
+    record = calibrate_thresholds(model, batches, target, per_layer=per_layer, progress=progress)
+    if held_out[0].shape[0]:
+        _, routed = _collect(model, [{"input_ids": b[None]} for b in held_out[0]])
+        record["held_out_executed_fraction"] = round(executed_fraction(routed), 6)
+        record["held_out_tokens"] = int(held_out[0].numel())
+    record["data"] = list(data)
+    model.config.calibration = record
+    with atomic_output_dir(dest, overwrite=True) as tmp:
+        save_checkpoint(model, tmp, tokenizer=tokenizer)
+        for extra in ("results.json", "training_log.json", "README.md"):
+            if (folder / extra).is_file():
+                (tmp / extra).write_bytes((folder / extra).read_bytes())
+        if (folder / "adapter").is_dir():
+            import shutil
+
+            shutil.copytree(folder / "adapter", tmp / "adapter")
+        write_results(tmp, model.config, drop_measurements=True)
     return record

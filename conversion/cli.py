@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -66,6 +67,55 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote MoD checkpoint to {out}")
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", nargs="+", required=required, metavar="SOURCE",
+                       help=".txt/.jsonl/.json files or folders, save_to_disk folders, or datasets.load_dataset names")
+    group.add_argument("--text-field", default="text", help="field holding the text in jsonl/json/datasets records")
+    group.add_argument("--dataset-split", default="train", help="split of a datasets source")
+    group.add_argument("--dataset-config", default=None, help="config name of a datasets source")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .train import TrainSettings, train
+
+    settings = TrainSettings(
+        recipe=args.recipe, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, learning_rate=args.lr, router_learning_rate=args.router_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, load_loss_coef=args.load_loss_coef,
+        target_executed_fraction=args.target, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        save_steps=args.save_steps, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
+        eval_fraction=args.eval_fraction, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp, data=args.data, data_weights=args.data_weights, text_field=args.text_field,
+        dataset_split=args.dataset_split, dataset_config=args.dataset_config,
+        max_tokens_per_source=args.max_tokens_per_source,
+    )
+    out = train(args.model, args.out, settings, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                save_adapter=args.save_adapter, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun only the main process reports
+        print(f"wrote trained MoD checkpoint to {out}")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from .calibrate import calibrate_checkpoint
+
+    record = calibrate_checkpoint(
+        args.model, args.target, args.data, out=args.out, seq_len=args.seq_len, max_blocks=args.max_blocks,
+        held_out_fraction=args.held_out_fraction, per_layer=not args.global_threshold, text_field=args.text_field,
+        overwrite=args.overwrite,
+    )
+    held = record.get("held_out_executed_fraction")
+    print(f"target executed fraction {record['target_executed_fraction']:.3f}: calibration text "
+          f"{record['measured_executed_fraction']:.3f}" + (f", held-out text {held:.3f}" if held is not None else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modification", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
@@ -80,6 +130,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom code in the base checkpoint")
     add_routing_arguments(p)
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="train routers (and LoRA or all weights) of a MoD checkpoint")
+    p.add_argument("--model", required=True, help="MoD checkpoint: folder or Hub id")
+    p.add_argument("--out", required=True, help="output folder for the trained, standalone checkpoint")
+    p.add_argument("--recipe", choices=["routers", "lora", "full"], default="lora",
+                   help="routers: routers only; lora (default): routers + LoRA on attention/MLP, merged at the end; "
+                        "full: every weight (the paper's recipe)")
+    add_data_arguments(p)
+    p.add_argument("--data-weights", type=_float_list, default=None, help="mixing weights, one per --data source")
+    p.add_argument("--max-tokens-per-source", type=int, default=None, help="read at most this many tokens per source")
+    p.add_argument("--seq-len", type=int, default=512, help="training sequence length (tokens per packed block)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per device per step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: routers 1e-3, lora 2e-4, full 3e-5)")
+    p.add_argument("--router-lr", type=float, default=1e-3, help="learning rate of the routers")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--load-loss-coef", type=float, default=None, help="alpha of the layer-load objective")
+    p.add_argument("--target", type=float, default=None,
+                   help="target executed fraction: the load objective pushes routers towards it from both sides")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--save-steps", type=int, default=100, help="write a checkpoint every N steps")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--eval-steps", type=int, default=None, help="evaluate held-out loss every N steps")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="share of each source held out for --eval-steps")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: <out>-checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
+    p.add_argument("--save-adapter", action="store_true", help="also write the LoRA adapter to <out>/adapter")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP (multi-GPU, under accelerate launch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("calibrate", help="set thresholds so executed compute hits a target fraction")
+    p.add_argument("--model", required=True, help="MoD checkpoint: folder or Hub id")
+    p.add_argument("--target", type=float, required=True, help="target executed fraction of token-layer work")
+    add_data_arguments(p)
+    p.add_argument("--out", default=None, help="output folder (default: update --model in place)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-blocks", type=int, default=16, help="calibration blocks of --seq-len tokens")
+    p.add_argument("--held-out-fraction", type=float, default=0.25, help="share of blocks to check the result on")
+    p.add_argument("--global-threshold", action="store_true", help="one threshold for all layers (default: per layer)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_calibrate)
     return parser
 
 
@@ -90,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, FileExistsError, FileNotFoundError, OSError) as err:
+        if args.verbose:
+            raise
         print(f"modification {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -797,7 +797,15 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
         loss = lm_loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = lm_loss if outputs.aux_loss is None else lm_loss + outputs.aux_loss.to(lm_loss.device)
+            loss = lm_loss
+            if outputs.aux_loss is not None:
+                aux_loss = outputs.aux_loss.to(lm_loss.device)
+                num_items = kwargs.get("num_items_in_batch")
+                if num_items is not None:
+                    # The Trainer normalises the LM loss over the whole accumulated (and distributed) batch; weight
+                    # this micro-batch's routing loss by its share of those tokens so accumulation keeps it as is.
+                    aux_loss = aux_loss * (labels[..., 1:] != -100).sum() / num_items
+                loss = lm_loss + aux_loss
 
         output = MoDCausalLMOutputWithPast(
             loss=loss,

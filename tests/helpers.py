@@ -163,3 +163,38 @@ def save_base(arch: str, folder: Path, seed: int = 0) -> Path:
     tiny_base(arch, seed=seed).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def reference_text_files(folder: Path) -> tuple[Path, Path]:
+    """Real English text available offline on every CPython: the help topics of the Python documentation
+    (`pydoc_data.topics`). Returns (train.txt, held_out.txt), split by topic."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    held = set(names[::5])
+    folder.mkdir(parents=True, exist_ok=True)
+    train, test = folder / "train.txt", folder / "held_out.txt"
+    train.write_text("\n\n".join(topics[n] for n in names if n not in held))
+    test.write_text("\n\n".join(topics[n] for n in names if n in held))
+    return train, test
+
+
+def text_mod_checkpoint(folder: Path, vocab_size: int = 384, seed: int = 0, **routing) -> tuple[Path, Path, Path]:
+    """A tiny Llama with a BPE tokenizer trained on real text, converted to a MoD checkpoint folder.
+
+    Returns (mod_dir, train.txt, held_out.txt)."""
+    from modification.conversion.corpus import train_tokenizer
+    from modification.conversion.convert import convert_checkpoint
+
+    train, test = reference_text_files(folder / "text")
+    tokenizer = train_tokenizer([train.read_text()], vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    convert_checkpoint(str(folder / "base"), folder / "mod", **routing)
+    return folder / "mod", train, test

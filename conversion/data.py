@@ -1,0 +1,203 @@
+"""Text data for training, calibration and evaluation: read, tokenise, pack into fixed-length blocks, mix sources.
+
+A data source is one of
+- a `.txt` file (one document), a `.jsonl`/`.json` file (one document per record, field `text_field`), or a folder
+  holding such files (read recursively, in sorted order);
+- a folder written by `datasets.Dataset.save_to_disk`;
+- a `datasets.load_dataset` name (works where the Hub is reachable or the dataset is in the local cache).
+Documents are tokenised without special tokens, joined with the EOS token, and cut into blocks of `seq_len` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+
+TEXT_SUFFIXES = (".txt", ".md")
+RECORD_SUFFIXES = (".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """Data that cannot be used: missing, empty, unreadable, or too short for one block."""
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix in TEXT_SUFFIXES + RECORD_SUFFIXES + (
+        ".parquet", ".csv")
+
+
+def _read_records(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{line_no} is not valid JSON: {err}") from err
+                if text_field not in record:
+                    raise DataError(f"{path}:{line_no} has no field {text_field!r} (set --text-field)")
+                yield str(record[text_field])
+        return
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a list of records with a {text_field!r} field")
+    for record in records:
+        if text_field not in record:
+            raise DataError(f"a record in {path} has no field {text_field!r} (set --text-field)")
+        yield str(record[text_field])
+
+
+def read_documents(
+    source: str, text_field: str = "text", split: str = "train", dataset_config: str | None = None
+) -> Iterator[str]:
+    """Yield the documents of one data source (see the module docstring)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix in RECORD_SUFFIXES:
+            yield from _read_records(path, text_field)
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            from datasets import load_from_disk
+
+            dataset = load_from_disk(str(path))
+            if hasattr(dataset, "keys"):  # a DatasetDict
+                dataset = dataset[split]
+            for record in dataset:
+                yield str(record[text_field])
+            return
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES)
+        if not files:
+            raise DataError(f"folder {path} holds no .txt, .md, .jsonl or .json files")
+        for file in files:
+            yield from read_documents(str(file), text_field=text_field)
+        return
+    if _looks_like_path(source):
+        raise DataError(f"data source {source} does not exist")
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(source, dataset_config, split=split)
+    except Exception as err:  # datasets raises many types for unknown names / no network
+        raise DataError(
+            f"data source {source!r} is neither a local file/folder nor a loadable dataset "
+            f"(datasets.load_dataset failed: {type(err).__name__}: {err})"
+        ) from err
+    if text_field not in dataset.column_names:
+        raise DataError(f"dataset {source!r} has no column {text_field!r}; columns: {dataset.column_names}")
+    for record in dataset:
+        yield str(record[text_field])
+
+
+def tokenize_and_pack(
+    documents: Iterator[str] | Sequence[str],
+    tokenizer,
+    seq_len: int,
+    max_tokens: int | None = None,
+    desc: str = "tokenizing",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Tokenise documents, join them with EOS and cut the stream into `[n_blocks, seq_len]` (remainder dropped)."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in tqdm(documents, desc=desc, unit="doc", disable=not progress, leave=False):
+        if not doc.strip():
+            continue
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            ids = ids[:max_tokens]
+            break
+    n_blocks = len(ids) // seq_len
+    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def load_blocks(
+    sources: Sequence[str],
+    tokenizer,
+    seq_len: int,
+    text_field: str = "text",
+    split: str = "train",
+    dataset_config: str | None = None,
+    max_tokens_per_source: int | None = None,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """One `[n_blocks, seq_len]` tensor per source; a source too short for one block is an error."""
+    if not sources:
+        raise DataError("no data source given")
+    blocks = []
+    for source in sources:
+        docs = read_documents(source, text_field=text_field, split=split, dataset_config=dataset_config)
+        packed = tokenize_and_pack(docs, tokenizer, seq_len, max_tokens_per_source, desc=str(source), progress=progress)
+        if packed.shape[0] == 0:
+            raise DataError(f"data source {source} holds fewer than seq_len={seq_len} tokens: nothing to train on")
+        blocks.append(packed)
+    return blocks
+
+
+def split_blocks(blocks: list[torch.Tensor], eval_fraction: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Hold out the last `eval_fraction` of each source's blocks (at least one block when the fraction is > 0)."""
+    train, held_out = [], []
+    for b in blocks:
+        n_eval = 0 if eval_fraction <= 0 else max(1, int(round(b.shape[0] * eval_fraction)))
+        if n_eval >= b.shape[0]:
+            raise DataError(f"a source has only {b.shape[0]} blocks: too few to hold out {eval_fraction:.0%}")
+        train.append(b[: b.shape[0] - n_eval])
+        held_out.append(b[b.shape[0] - n_eval :])
+    return train, held_out
+
+
+def mix_blocks(
+    blocks: list[torch.Tensor], weights: Sequence[float] | None = None, num_blocks: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """Mix sources by weight into `num_blocks` blocks (default: all blocks once when weights are equal).
+
+    Each source contributes `round(w_i / sum(w) * num_blocks)` blocks, taken from a shuffled order and repeated
+    when a small source must supply more blocks than it has.
+    """
+    weights = list(weights) if weights is not None else [float(b.shape[0]) for b in blocks]
+    if len(weights) != len(blocks):
+        raise DataError(f"{len(weights)} data weights given for {len(blocks)} data sources")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise DataError(f"data weights must be non-negative and not all zero, got {weights}")
+    total = num_blocks if num_blocks is not None else sum(b.shape[0] for b in blocks)
+    rng = random.Random(seed)
+    chosen = []
+    for b, w in zip(blocks, weights):
+        n = int(round(w / sum(weights) * total))
+        order = list(range(b.shape[0]))
+        rng.shuffle(order)
+        picks = [order[i % len(order)] for i in range(n)]
+        chosen.append(b[picks])
+    mixed = torch.cat(chosen)
+    return mixed[torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+class PackedBlocks(Dataset):
+    """Blocks of token ids as a causal-LM dataset (`labels` = `input_ids`; the model shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}

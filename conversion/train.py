@@ -1,0 +1,307 @@
+"""Router training with the transformers Trainer and peft: `routers`, `lora` (default) and `full` recipes.
+
+The loss is the model's own: LM loss plus the routing objective (layer-load objective for threshold routing, BCE for
+top-k). Per-layer routed fractions and mean gates are logged from the first step, because the layer-load objective is
+bistable (too weak and the model stays dense, too strong and every gate shuts); `target_executed_fraction` turns it
+into a controller that settles at a compute budget (see `MoDConfig.load_loss_target`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from modification.modeling import MoDForCausalLM
+
+from .calibrate import routed_fraction_for_target
+from .checkpoint import atomic_output_dir, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
+from .data import DataError, PackedBlocks, load_blocks, mix_blocks, split_blocks
+from .results import RESULTS_FILENAME, SCHEMA_VERSION, routing_section, validate_results
+
+
+logger = logging.getLogger(__name__)
+
+RECIPES = ("routers", "lora", "full")
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Learning rates per recipe: LoRA's usual 2e-4, the paper's 3e-5 for full fine-tuning; routers start from zero and
+# are tiny, so they get their own, larger rate in every recipe.
+DEFAULT_LEARNING_RATE = {"routers": 1e-3, "lora": 2e-4, "full": 3e-5}
+DEFAULT_ROUTER_LEARNING_RATE = 1e-3
+
+
+@dataclass
+class TrainSettings:
+    """What `modification train` does; every field has a command-line flag of the same name."""
+
+    recipe: str = "lora"
+    steps: int = 200
+    seq_len: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float | None = None
+    router_learning_rate: float = DEFAULT_ROUTER_LEARNING_RATE
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    load_loss_coef: float | None = None
+    target_executed_fraction: float | None = None
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    save_steps: int = 100
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    eval_fraction: float = 0.0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    fsdp: bool = False
+    data_weights: list[float] | None = None
+    text_field: str = "text"
+    dataset_split: str = "train"
+    dataset_config: str | None = None
+    max_tokens_per_source: int | None = None
+    data: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.data:
+            raise DataError("no training data given (--data)")
+
+
+class RoutingStatsTrainer(Trainer):
+    """A Trainer that logs per-layer routed fractions and mean gates, and gives routers their own learning rate."""
+
+    def __init__(self, *args, router_learning_rate: float = DEFAULT_ROUTER_LEARNING_RATE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router_learning_rate = router_learning_rate
+        self._stats: dict[str, float] = {}
+        self._stats_count = 0
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            routers = [p for n, p in params if ".router." in n]
+            others = [p for n, p in params if ".router." not in n]
+            groups = [{"params": routers, "lr": self.router_learning_rate, "weight_decay": 0.0}]
+            if others:
+                groups.append({"params": others, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay})
+            self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                               eps=self.args.adam_epsilon)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {**inputs, "output_router_decisions": True}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            lm_loss = outputs.lm_loss
+            if lm_loss is not None and num_items_in_batch is not None:
+                # the model normalised by the tokens of the whole accumulated batch; log this batch's mean
+                local = (inputs["labels"][..., 1:] != -100).sum().clamp(min=1)
+                lm_loss = lm_loss * num_items_in_batch / local
+            self._record(outputs, lm_loss)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record(self, outputs, lm_loss) -> None:
+        stats = {"executed_fraction": float(outputs.routed_fraction.mean())}
+        if lm_loss is not None:
+            stats["lm_loss"] = float(lm_loss)
+        if outputs.aux_loss is not None:
+            stats["routing_loss"] = float(outputs.aux_loss)
+        for i, logits in enumerate(outputs.router_logits):
+            if logits is not None:
+                stats[f"routed/layer_{i}"] = float(outputs.routed_fraction[i])
+                stats[f"gate/layer_{i}"] = float(torch.sigmoid(logits).mean())
+        for key, value in stats.items():
+            self._stats[key] = self._stats.get(key, 0.0) + value
+        self._stats_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stats_count:
+            logs.update({k: round(v / self._stats_count, 5) for k, v in self._stats.items()})
+            self._stats, self._stats_count = {}, 0
+        super().log(logs, start_time)
+
+
+def _prepare_model(model: MoDForCausalLM, settings: TrainSettings):
+    """Set trainable parameters for the recipe; for `lora`, wrap with peft (routers as modules_to_save)."""
+    if settings.recipe == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+            target_modules=LORA_TARGET_MODULES, modules_to_save=["router"], task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+    for name, param in model.named_parameters():
+        param.requires_grad = settings.recipe == "full" or ".router." in name
+    return model
+
+
+def default_checkpoint_dir(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + "-checkpoints")
+
+
+def train(
+    model_path: str,
+    out: str | os.PathLike,
+    settings: TrainSettings,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    save_adapter: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train a MoD checkpoint's routers (and LoRA or all weights) and write a standalone checkpoint to `out`.
+
+    Checkpoints go to `checkpoint_dir` every `save_steps`; `resume=True` continues from the last one there. With the
+    `lora` recipe the adapter is merged into the output; `save_adapter=True` also writes it to `out/adapter`
+    (loadable with `PeftModel.from_pretrained` on the input checkpoint).
+    """
+    settings.validate()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    folder = resolve_checkpoint(model_path)
+    config = read_mod_config(folder)  # a clear error for a non-MoD folder, before anything else
+    if settings.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len={settings.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+        )
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
+    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if resume and last is None:
+        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {checkpoint_dir} to resume from")
+    if not resume and last is not None:
+        raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass --resume to continue from {last}")
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    blocks = load_blocks(settings.data, tokenizer, settings.seq_len, settings.text_field, settings.dataset_split,
+                         settings.dataset_config, settings.max_tokens_per_source, progress=progress)
+    train_blocks, eval_blocks = split_blocks(blocks, settings.eval_fraction)
+    needed = settings.steps * settings.batch_size * settings.grad_accum * world
+    train_set = mix_blocks(train_blocks, settings.data_weights, needed if settings.data_weights else None,
+                           seed=settings.seed)
+    eval_set = torch.cat(eval_blocks) if settings.eval_fraction > 0 else None
+
+    model, _ = load_mod_model(str(folder), dtype=torch.float32)
+    if settings.load_loss_coef is not None:
+        model.config.load_loss_coef = settings.load_loss_coef
+    if settings.target_executed_fraction is not None:
+        model.config.load_loss_target = routed_fraction_for_target(model, settings.target_executed_fraction)
+    model.config.validate_routing()
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable = _prepare_model(model, settings)
+
+    use_cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate or DEFAULT_LEARNING_RATE[settings.recipe],
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_steps,
+        lr_scheduler_type="cosine",
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if settings.eval_steps and eval_set is not None else "no",
+        eval_steps=settings.eval_steps,
+        report_to=[],
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=not use_cuda,
+        bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        ddp_find_unused_parameters=True,  # a layer every token skipped on one rank has no gradient there
+        ddp_backend="gloo" if world > 1 and not use_cuda else None,
+        fsdp="full_shard auto_wrap" if settings.fsdp else "",
+        fsdp_config={"transformer_layer_cls_to_wrap": ["MoDDecoderLayer"]} if settings.fsdp else None,
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        dataloader_drop_last=True,
+    )
+    trainer = RoutingStatsTrainer(
+        model=trainable,
+        args=args,
+        train_dataset=PackedBlocks(train_set),
+        eval_dataset=PackedBlocks(eval_set) if eval_set is not None else None,
+        router_learning_rate=settings.router_learning_rate,
+    )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+    result = trainer.train(resume_from_checkpoint=last if resume else None)
+
+    if trainer.is_world_process_zero():
+        final = trainable
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            if settings.recipe == "lora":
+                if save_adapter:
+                    trainable.save_pretrained(tmp / "adapter")
+                final = trainable.merge_and_unload()
+            final.config.calibration = None  # thresholds measured before training no longer hold
+            save_checkpoint(final, tmp, tokenizer=tokenizer)
+            record = training_record(settings, model_path, trainer, result)
+            if resume:
+                start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
+                record.update(resumed_from=str(last), steps_this_run=result.global_step - start)
+            (tmp / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+            write_results(tmp, final.config, training=record)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def training_record(settings: TrainSettings, model_path: str, trainer: Trainer, result) -> dict:
+    """The `training` section of results.json."""
+    args = trainer.args
+    tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+        args.world_size * settings.seq_len
+    record = asdict(settings)
+    record.update(
+        initial_checkpoint=model_path,
+        learning_rate=args.learning_rate,
+        sequence_length=settings.seq_len,
+        tokens=tokens,
+        world_size=args.world_size,
+        final_train_loss=round(float(result.training_loss), 5) if not math.isnan(result.training_loss) else None,
+    )
+    return record
+
+
+def write_results(folder: Path, config, training: dict | None = None, drop_measurements: bool = False) -> None:
+    """Create or update `folder/results.json` with the model, routing and (optionally) training sections.
+
+    `drop_measurements` removes quality and efficiency numbers, which no longer describe a model whose routing
+    changed (after calibration, say)."""
+    path = folder / RESULTS_FILENAME
+    results = json.loads(path.read_text()) if path.exists() else {"schema_version": SCHEMA_VERSION}
+    if drop_measurements:
+        for key in ("quality", "efficiency", "commands"):
+            results.pop(key, None)
+    results["model"] = {
+        "name_or_path": str(folder.name),
+        "base_model": config.base_model_name_or_path,
+        "base_model_type": config.base_model_type,
+    }
+    results["routing"] = routing_section(config)
+    if training is not None:
+        results["training"] = training
+    results.setdefault("training", None)
+    path.write_text(json.dumps(validate_results(results), indent=2) + "\n")

@@ -1,0 +1,155 @@
+"""Router training (routers / LoRA recipes), the load objective, calibration, resume, and distributed runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import text_mod_checkpoint
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from modification.conversion.calibrate import calibrate_checkpoint
+from modification.conversion.cli import main as cli
+from modification.conversion.data import DataError
+from modification.conversion.train import TrainSettings, train
+from modification.modeling import MoDForCausalLM
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    return text_mod_checkpoint(tmp_path_factory.mktemp("textmod"))
+
+
+def _settings(train_file, **kw):
+    base = dict(steps=4, seq_len=64, batch_size=2, logging_steps=1, save_steps=100, data=[str(train_file)])
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_router_recipe_changes_only_routers(text_ckpt, tmp_path):
+    mod, train_file, _ = text_ckpt
+    out = train(str(mod), tmp_path / "out", _settings(train_file, recipe="routers", steps=3), progress=False)
+    before, after = load_file(mod / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(".router." in k for k in changed)
+    assert {k for k in before if ".router." in k} == set(changed)
+
+
+def test_lora_adapter_round_trips_and_merged_checkpoint_matches(text_ckpt, tmp_path):
+    from peft import PeftModel
+
+    mod, train_file, _ = text_ckpt
+    out = train(str(mod), tmp_path / "out", _settings(train_file, recipe="lora", steps=3, learning_rate=1e-2),
+                save_adapter=True, progress=False)
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    original = MoDForCausalLM.from_pretrained(mod).eval()
+    with torch.no_grad():
+        original_logits = original(ids).logits
+    unmerged = PeftModel.from_pretrained(original, out / "adapter").eval()
+    with torch.no_grad():
+        merged_logits, unmerged_logits = merged(ids).logits, unmerged(ids).logits
+    assert (merged_logits - unmerged_logits).abs().max().item() <= 1e-5
+    assert (merged_logits - original_logits).abs().max().item() > 1e-3  # LoRA and routers did change the model
+    record = json.loads((out / "results.json").read_text())["training"]
+    assert record["recipe"] == "lora" and record["steps"] == 3
+
+
+def test_load_objective_lowers_executed_fraction_on_real_text(text_ckpt, tmp_path):
+    mod, train_file, _ = text_ckpt
+    settings = _settings(train_file, recipe="routers", steps=25, load_loss_coef=1.0, router_learning_rate=0.05,
+                         logging_steps=5)
+    out = train(str(mod), tmp_path / "out", settings, progress=False)
+    log = [row for row in json.loads((out / "training_log.json").read_text()) if "executed_fraction" in row]
+    assert log[0]["step"] == 1 and "routed/layer_1" in log[0] and "gate/layer_1" in log[0]
+    assert log[0]["executed_fraction"] == 1.0
+    assert log[-1]["executed_fraction"] < 0.9
+    assert all(torch.isfinite(torch.tensor(row["lm_loss"])) for row in log)
+
+
+def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
+    mod, train_file, held_file = text_ckpt
+    trained = train(str(mod), tmp_path / "trained", _settings(train_file, recipe="routers", steps=25,
+                    load_loss_coef=1.0, router_learning_rate=0.05), progress=False)
+    record = calibrate_checkpoint(str(trained), 0.8, [str(train_file)], out=str(tmp_path / "cal"), seq_len=128,
+                                  max_blocks=24, held_out_fraction=0.0, progress=False)
+    assert abs(record["measured_executed_fraction"] - 0.8) < 0.01
+    # held-out text: works the calibration never saw
+    model = MoDForCausalLM.from_pretrained(tmp_path / "cal").eval()
+    from transformers import AutoTokenizer
+
+    from modification.conversion.data import load_blocks
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "cal", config=model.config)
+    blocks = load_blocks([str(held_file)], tok, 128, progress=False)[0]
+    assert blocks.shape[0] > 100
+    with torch.no_grad():
+        fraction = model(blocks).routed_fraction.mean().item()
+    assert abs(fraction - 0.8) <= 0.02
+    saved = json.loads((tmp_path / "cal" / "config.json").read_text())
+    assert saved["calibration"]["target_executed_fraction"] == 0.8
+    assert isinstance(saved["router_threshold"], list)
+
+
+def test_resume_continues_from_saved_step(text_ckpt, tmp_path):
+    mod, train_file, _ = text_ckpt
+    settings = _settings(train_file, recipe="routers", steps=4, save_steps=2, router_learning_rate=0.05,
+                         load_loss_coef=1.0)
+    ckpts = tmp_path / "ckpts"
+    full = train(str(mod), tmp_path / "full", settings, checkpoint_dir=ckpts, progress=False)
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(str(mod), tmp_path / "again", settings, checkpoint_dir=ckpts, progress=False)
+    import shutil
+
+    shutil.rmtree(ckpts / "checkpoint-4")  # as if the run had stopped after step 2
+    resumed = train(str(mod), tmp_path / "resumed", settings, checkpoint_dir=ckpts, resume=True, progress=False)
+    steps = [row["step"] for row in json.loads((resumed / "training_log.json").read_text()) if "loss" in row]
+    assert steps == [1, 2, 3, 4]  # the history of steps 1-2 comes from the checkpoint, 3-4 from this run
+    record = json.loads((resumed / "results.json").read_text())["training"]
+    assert record["resumed_from"].endswith("checkpoint-2") and record["steps_this_run"] == 2
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(str(mod), tmp_path / "x", settings, checkpoint_dir=tmp_path / "empty", resume=True, progress=False)
+
+
+def test_two_process_accelerate_run(text_ckpt, tmp_path):
+    mod, train_file, _ = text_ckpt
+    cmd = [
+        # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the Trainer (use_cpu) then
+        # runs data-parallel over CPU processes with gloo. (`--cpu` alone would start a single process.)
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modification.conversion.cli",
+        "train", "--model", str(mod), "--out", str(tmp_path / "ddp"), "--data", str(train_file), "--recipe", "routers",
+        "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--router-lr", "0.05", "--load-loss-coef", "1.0",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((tmp_path / "ddp" / "results.json").read_text())["training"]
+    assert record["world_size"] == 2
+    assert record["tokens"] == 3 * 2 * 2 * 64
+    before, after = load_file(mod / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".router." in k)
+
+
+def test_bad_training_input_gives_clear_errors(text_ckpt, tmp_path, capsys):
+    mod, train_file, _ = text_ckpt
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(DataError, match="fewer than seq_len"):
+        train(str(mod), tmp_path / "o1", _settings(empty), progress=False)
+    with pytest.raises(DataError, match="does not exist"):
+        train(str(mod), tmp_path / "o2", _settings(tmp_path / "missing.txt"), progress=False)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        train(str(mod), tmp_path / "o3", _settings(train_file, seq_len=4096), progress=False)
+    base_dir = mod.parent / "base"
+    assert cli(["train", "--model", str(base_dir), "--out", str(tmp_path / "o4"), "--data", str(train_file)]) == 2
+    assert "not a MoD checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
