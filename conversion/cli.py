@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom code in the base checkpoint")
     add_routing_arguments(p)
     p.set_defaults(func=_cmd_convert)
+
+    from modification.push_scripts.cli import add_publish_commands
+
+    add_publish_commands(sub)  # card, push, release
     return parser
 
 
