@@ -100,7 +100,7 @@ def find_base_license(base: str | None) -> tuple[dict | None, str | None]:
     if isinstance(cached, str):
         fields = _license_fields(_read_front_matter(Path(cached)))
         return (fields, f"the model card of {base} (Hub cache)") if fields else (None, None)
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         return None, None
     try:
         path = hf_hub_download(base, CARD_FILENAME)

@@ -15,6 +15,8 @@ def _cmd_card(args: argparse.Namespace) -> None:
     from modification.conversion.checkpoint import resolve_checkpoint
     from modification.model_cards.card import CARD_FILENAME, render_card
 
+    if args.out is None and not Path(args.checkpoint).is_dir():
+        raise ValueError("--out is needed when --checkpoint is a Hub id: the Hub cache is not a place to write cards")
     folder = resolve_checkpoint(args.checkpoint)
     card = render_card(folder, args.repo_id, base_model=args.base_model, license=args.license)
     if args.out == "-":

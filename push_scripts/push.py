@@ -185,7 +185,7 @@ def format_plan(plan: UploadPlan, *, revision: str | None, create_pr: bool, dele
     for name in plan.files:
         note = "  (rendered from config.json and results.json)" if name in plan.rendered else ""
         lines.append(f"  {name:<{width}}  {plan.size(name):>15,} bytes{note}")
-    lines.append(f"  total: {sum(plan.size(n) for n in plan.files):,} bytes")
+    lines.append(f"total: {sum(plan.size(n) for n in plan.files):,} bytes")
     if plan.skipped:
         lines.append(f"not uploaded (not checkpoint files): {', '.join(plan.skipped)}")
     if delete_missing:

@@ -133,7 +133,7 @@ class HubStub:
             return 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id}, None
         if method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml(json.loads(body)["content"])
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch|tree)/(.+)", path)
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch|tree|revision)/(.+)", path)
         if match:
             repo_id, action, ref = match.groups()
             if repo_id not in self.repos:
@@ -171,8 +171,10 @@ class HubStub:
         for entry in json.loads(body)["files"]:
             lfs = entry["path"].endswith(LFS_SUFFIXES) or entry["size"] >= LFS_MIN_BYTES
             old = existing.get(entry["path"])
+            # like the Hub: the oid of an LFS file is its sha256, of a regular file its git blob sha1
+            oid = None if old is None else hashlib.sha256(old).hexdigest() if lfs else git_blob_sha1(old)
             files.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                          "oid": git_blob_sha1(old) if old is not None else None})
+                          "oid": oid})
         return 200, {"files": files, "commitOid": "0" * 40}, None
 
     def _branch(self, repo, repo_id, ref, query, body):
@@ -180,6 +182,11 @@ class HubStub:
             return 409, {"error": "Reference already exists"}, None
         repo["refs"][ref] = dict(repo["refs"]["main"])
         return 200, {}, None
+
+    def _revision(self, repo, repo_id, ref, query, body):  # repo_info, used after a commit with no changes
+        commits = [c for c in repo["commits"] if c["ref"] == ref and not c["pr"]]
+        return 200, {"id": repo_id, "sha": commits[-1]["oid"] if commits else "0" * 40,
+                     "private": repo["private"]}, None
 
     def _tree(self, repo, repo_id, ref, query, body):
         if ref not in repo["refs"]:

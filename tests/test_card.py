@@ -116,3 +116,5 @@ def test_card_problems_catch_edited_numbers_tags_and_repo(checkpoint, tmp_path, 
     # an existing card is kept unless --overwrite
     assert cli(["card", "--checkpoint", str(checkpoint), "--repo-id", REPO_ID, "--out", str(tmp_path / "c.md")]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert cli(["card", "--checkpoint", REPO_ID, "--repo-id", REPO_ID]) == 2
+    assert "--out is needed when --checkpoint is a Hub id" in capsys.readouterr().err
