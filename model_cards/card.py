@@ -90,7 +90,8 @@ def find_base_license(base: str | None) -> tuple[dict | None, str | None]:
         return None, None
     folder = Path(base)
     if folder.is_dir():
-        fields = _license_fields(_read_front_matter(folder / CARD_FILENAME)) if (folder / CARD_FILENAME).is_file() else None
+        card = folder / CARD_FILENAME
+        fields = _license_fields(_read_front_matter(card)) if card.is_file() else None
         return (fields, "the base model's card in the base folder") if fields else (None, None)
     if not is_hub_id(base):
         return None, None
@@ -122,8 +123,9 @@ def resolve_license(license: str | None, bases: list[str | None]) -> tuple[dict,
         if found and found["license"] != license:
             logger.warning("licence %r was given but %s says %r; the card uses %r", license, source, found["license"],
                            license)
-        fields = dict(found) if found and found["license"] == license else {"license": license}
-        return fields, "given when the card was rendered"
+        if found and found["license"] == license:
+            return dict(found), f"given for this release; {source} says the same"
+        return {"license": license}, "given for this release"
     if found:
         return found, f"taken from {source}"
     logger.warning(
@@ -137,7 +139,7 @@ def resolve_license(license: str | None, bases: list[str | None]) -> tuple[dict,
 # Results -> metadata and tables.
 
 
-def eval_results(results: dict | None, model_name: str) -> list[EvalResult]:
+def eval_results(results: dict | None) -> list[EvalResult]:
     """The `model-index` entries: the MoD model's perplexities and task scores, exactly as in the results."""
     if not results:
         return []
@@ -307,7 +309,7 @@ def render_card(
         logger.warning("the base model has no Hub id here (converted from a local folder?); pass --base-model ORG/NAME")
     license_fields, license_source = resolve_license(license, [config.base_model_name_or_path, base_id])
     model_name = repo_id.split("/")[-1]
-    entries = eval_results(results, model_name)
+    entries = eval_results(results)
     data = ModelCardData(
         base_model=base_id,
         library_name="transformers",
@@ -360,7 +362,7 @@ def card_problems(card: ModelCard, folder: str | os.PathLike, repo_id: str) -> l
         results = load_checkpoint_results(folder, config)
     except (ValueError, OSError) as err:
         return problems + [str(err)]
-    expected = sorted((_eval_key(r) for r in eval_results(results, "")), key=repr)
+    expected = sorted((_eval_key(r) for r in eval_results(results)), key=repr)
     found = sorted((_eval_key(r) for r in (data.get("eval_results") or [])), key=repr)
     if expected != found:
         source = RESULTS_FILENAME if results else f"no {RESULTS_FILENAME} (so no numbers)"

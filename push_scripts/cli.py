@@ -70,7 +70,8 @@ def add_publish_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("card", help="render the model card (README.md) of a MoD checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or Hub id")
     p.add_argument("--repo-id", required=True, help="the Hub repo the card is for (org/name)")
-    p.add_argument("--out", default=None, help="where to write it (default: README.md in the checkpoint; - for stdout)")
+    p.add_argument("--out", default=None,
+                   help="where to write it (default: README.md in the checkpoint folder; - for stdout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing card")
     _card_arguments(p)
     p.set_defaults(func=_cmd_card)
@@ -78,10 +79,12 @@ def add_publish_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="verify a MoD checkpoint and upload it to the Hub in one commit")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or Hub id")
     p.add_argument("--repo-id", required=True, help="target repo (org/name); created if missing")
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its visibility)")
     p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
-    p.add_argument("--dry-run", action="store_true", help="verify and print exactly what would be uploaded; send nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="verify and print exactly what would be uploaded; send nothing")
     p.add_argument("--delete-missing", action="store_true",
                    help="also delete remote files that the checkpoint does not have (default: never delete)")
     p.add_argument("--new-card", action="store_true",

@@ -149,7 +149,9 @@ def load_check(folder: Path) -> str:
         )
         AutoTokenizer.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
     except Exception as err:  # any failure here is what a user downloading the repo would meet
-        raise CheckpointError(f"{folder} does not load with AutoModelForCausalLM(trust_remote_code=True): {err}") from err
+        raise CheckpointError(
+            f"{folder} does not load with AutoModelForCausalLM(trust_remote_code=True): {err}"
+        ) from err
     cls = type(model)
     if not cls.__module__.startswith("transformers_modules"):
         raise CheckpointError(f"{folder} loaded {cls.__module__}.{cls.__name__}, not the checkpoint's own code")
@@ -183,7 +185,7 @@ def format_plan(plan: UploadPlan, *, revision: str | None, create_pr: bool, dele
     lines = [f"would push {plan.folder} to {target} in one commit, adding {len(plan.files)} files:"]
     width = max(len(name) for name in plan.files)
     for name in plan.files:
-        note = "  (rendered from config.json and results.json)" if name in plan.rendered else ""
+        note = "  (model card rendered now)" if name in plan.rendered else ""
         lines.append(f"  {name:<{width}}  {plan.size(name):>15,} bytes{note}")
     lines.append(f"total: {sum(plan.size(n) for n in plan.files):,} bytes")
     if plan.skipped:
@@ -238,8 +240,10 @@ def push_checkpoint(
     api.create_repo(repo_id, private=True if private else None, exist_ok=True)
     if revision and revision != "main" and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations: list = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source if isinstance(source, bytes)
-                                           else str(source)) for name, source in plan.files.items()]
+    operations: list = []
+    for name, source in plan.files.items():
+        data = source if isinstance(source, bytes) else str(source)
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
     if delete_missing:
         remote = api.list_repo_files(repo_id, revision=revision)
         operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remote)
