@@ -96,7 +96,9 @@ def isolate_hub(monkeypatch, tmp_path: Path, endpoint: str | None = None, token:
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # subprocesses (release steps) must reach the stub
     if endpoint:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     if token:
         monkeypatch.setenv("HF_TOKEN", token)

@@ -43,6 +43,7 @@ def pushed(checkpoint, tmp_path_factory):
     with HubStub() as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN=hub.token, HF_HUB_DISABLE_XET="1",
                    HF_HOME=str(home))
+        env.pop("HF_HUB_OFFLINE", None)
         result = subprocess.run(
             [sys.executable, "-m", "modification.conversion.cli", "push", "--checkpoint", str(checkpoint),
              "--repo-id", REPO_ID, "--base-model", BASE_ID, "--private"],
