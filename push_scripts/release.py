@@ -1,0 +1,369 @@
+"""`modification release`: build and publish members of the release manifest, one `modification` command per step.
+
+The manifest (`releases.yaml` beside this file by default) lists the family: for each member its base model, routing
+settings, training recipe and data, calibration target, evaluation data and target repo. A member's release is the
+chain
+
+    convert -> train -> calibrate -> eval -> push
+
+where each step is the command line `modification <step> ...` built from the manifest and run as a subprocess (a fresh
+process per step frees GPU memory between them). Each step reads the previous step's output folder under
+`<work_dir>/<member>/`; `train`, `calibrate` and `eval` are left out for a member whose section is null. `--steps`
+runs a subset (to resume), with the same folders. Steps are looked up by name in the `modification` parser, so a
+command that does not exist in this version fails before anything runs, and `--dry-run` prints the whole plan (every
+command, and the files the push would upload) without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modification.conversion.checkpoint import is_hub_id
+
+
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / "releases.yaml"
+STEPS = ("convert", "train", "calibrate", "eval", "push")
+OPTIONAL_STEPS = ("train", "calibrate", "eval")
+RECIPES = ("routers", "lora", "full")
+# manifest routing key -> `modification convert` flag
+ROUTING_FLAGS = {
+    "router_kind": "--router-kind", "routed_layers": "--routed-layers", "threshold": "--threshold",
+    "topk_capacity": "--topk-capacity", "gate_mode": "--gate-mode", "router_init_bias": "--router-init-bias",
+    "load_loss_coef": "--load-loss-coef", "load_loss_target": "--load-loss-target",
+}
+SECTION_KEYS = {
+    "convert": ("dtype", "revision", "extra_args"),
+    "train": ("recipe", "data", "steps", "seq_len", "lr", "extra_args"),
+    "calibrate": ("target", "data", "extra_args"),
+    "eval": ("data", "tasks", "extra_args"),
+    "push": ("private", "revision", "create_pr", "extra_args"),
+}
+MEMBER_KEYS = ("base", "base_model", "repo_id", "license", "routing", *SECTION_KEYS)
+# The files a push of a finished member uploads, for the plan printed before the checkpoint exists.
+EXPECTED_FILES = ("README.md (rendered)", "config.json", "configuration_mod.py", "generation_config.json",
+                  "model*.safetensors", "modeling_mod.py", "results.json (written by eval)", "tokenizer files")
+
+
+class ManifestError(ValueError):
+    """The release manifest is malformed; the message names the field."""
+
+
+@dataclass
+class Step:
+    member: str
+    name: str
+    argv: list[str]  # arguments after `modification`
+    checkpoint: Path | None = None  # push only: the folder it uploads
+
+    def command(self) -> str:
+        return shlex.join(["modification", *self.argv])
+
+
+@dataclass
+class Member:
+    name: str
+    base: str
+    repo_id: str
+    steps: list[Step] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifest.
+
+
+def _fail(field_name: str, message: str) -> None:
+    raise ManifestError(f"release manifest: {field_name}: {message}")
+
+
+def _str(value: Any, field_name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail(field_name, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _number(value: Any, field_name: str) -> str:
+    """A number as a command-line argument. Also takes numeric strings: YAML reads `1e-3` as a string."""
+    if isinstance(value, bool):
+        _fail(field_name, f"must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            _fail(field_name, f"must be a number, got {value!r}")
+    if not isinstance(value, (int, float)):
+        _fail(field_name, f"must be a number, got {value!r}")
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def _str_list(value: Any, field_name: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        _fail(field_name, f"must be a string or a non-empty list of strings, got {value!r}")
+    return value
+
+
+def _check_keys(section: dict, allowed: tuple[str, ...], field_name: str) -> None:
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        _fail(field_name, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+
+
+def _merge(defaults: dict, member: dict) -> dict:
+    """Member settings over the defaults; a section set to null in the member disables it."""
+    merged = dict(member)
+    for key, default in defaults.items():
+        if key not in member:
+            merged[key] = default
+        elif isinstance(default, dict) and isinstance(member[key], dict):
+            merged[key] = {**default, **member[key]}
+    return merged
+
+
+def load_manifest(path: str | Path) -> dict:
+    """Read and check a release manifest: {"work_dir": str, "members": {name: merged settings}}."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no release manifest at {path}") from None
+    except yaml.YAMLError as err:
+        raise ManifestError(f"release manifest {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        _fail("<root>", "must be a mapping with `members`")
+    _check_keys(raw, ("version", "work_dir", "defaults", "members"), "<root>")
+    if raw.get("version", 1) != 1:
+        _fail("version", f"only version 1 is known, got {raw.get('version')!r}")
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        _fail("defaults", "must be a mapping")
+    _check_keys(defaults, MEMBER_KEYS, "defaults")
+    members = raw.get("members")
+    if not isinstance(members, dict) or not members:
+        _fail("members", "must be a mapping of member name to settings")
+    merged = {}
+    for name, spec in members.items():
+        if not isinstance(spec, dict):
+            _fail(f"members.{name}", "must be a mapping")
+        _check_keys(spec, MEMBER_KEYS, f"members.{name}")
+        merged[str(name)] = _merge(defaults, spec)
+    return {"work_dir": raw.get("work_dir", "outputs/release"), "members": merged}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan: the command lines of each member's steps.
+
+
+def _section(spec: dict, key: str, where: str) -> dict | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        _fail(f"{where}.{key}", "must be a mapping (or null to skip the step)")
+    _check_keys(value, SECTION_KEYS[key], f"{where}.{key}")
+    return value
+
+
+def _extra(section: dict, where: str) -> list[str]:
+    extra = section.get("extra_args", [])
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        _fail(f"{where}.extra_args", "must be a list of strings (passed to the command unchanged)")
+    return list(extra)
+
+
+def _routing_args(routing: dict, where: str) -> list[str]:
+    args = []
+    for key, flag in ROUTING_FLAGS.items():
+        if key not in routing or routing[key] is None:
+            continue
+        value = routing[key]
+        if key in ("router_kind", "gate_mode"):
+            args += [flag, _str(value, f"{where}.{key}")]
+        elif isinstance(value, list):
+            args += [flag, ",".join(_number(v, f"{where}.{key}") for v in value)]
+        else:
+            args += [flag, _number(value, f"{where}.{key}")]
+    return args
+
+
+def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
+    """The steps of one member, each a `modification` command line; outputs go under `work_dir/name`."""
+    where = f"members.{name}"
+    base = _str(spec.get("base"), f"{where}.base")
+    repo_id = _str(spec.get("repo_id"), f"{where}.repo_id")
+    if repo_id.count("/") != 1:
+        _fail(f"{where}.repo_id", f"must look like org/name, got {repo_id!r}")
+    folder = work_dir / name
+    member = Member(name=name, base=base, repo_id=repo_id)
+
+    routing = spec.get("routing") or {}
+    if not isinstance(routing, dict):
+        _fail(f"{where}.routing", "must be a mapping")
+    _check_keys(routing, tuple(ROUTING_FLAGS), f"{where}.routing")
+    convert = _section(spec, "convert", where) or {}
+    current = folder / "converted"
+    argv = ["convert", "--base", base, "--out", str(current), *_routing_args(routing, f"{where}.routing")]
+    for key in ("dtype", "revision"):
+        if convert.get(key) is not None:
+            argv += [f"--{key}", _str(convert[key], f"{where}.convert.{key}")]
+    member.steps.append(Step(name, "convert", argv + _extra(convert, f"{where}.convert")))
+
+    train = _section(spec, "train", where)
+    if train is not None:
+        recipe = train.get("recipe")
+        if recipe not in RECIPES:
+            _fail(f"{where}.train.recipe", f"must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        out = folder / "trained"
+        argv = ["train", "--model", str(current), "--data", *_str_list(train.get("data"), f"{where}.train.data"),
+                "--out", str(out), "--recipe", recipe]
+        for key, flag in (("steps", "--steps"), ("seq_len", "--seq-len"), ("lr", "--lr")):
+            if train.get(key) is not None:
+                argv += [flag, _number(train[key], f"{where}.train.{key}")]
+        member.steps.append(Step(name, "train", argv + _extra(train, f"{where}.train")))
+        current = out
+
+    calibrate = _section(spec, "calibrate", where)
+    if calibrate is not None:
+        out = folder / "calibrated"
+        argv = ["calibrate", "--model", str(current),
+                "--target", _number(calibrate.get("target"), f"{where}.calibrate.target"),
+                "--data", *_str_list(calibrate.get("data"), f"{where}.calibrate.data"), "--out", str(out)]
+        member.steps.append(Step(name, "calibrate", argv + _extra(calibrate, f"{where}.calibrate")))
+        current = out
+
+    evaluation = _section(spec, "eval", where)
+    if evaluation is not None:
+        # eval writes results.json into the checkpoint folder it measures, where push and the card read it
+        argv = ["eval", "--model", str(current), "--base", base,
+                "--data", *_str_list(evaluation.get("data"), f"{where}.eval.data")]
+        if evaluation.get("tasks") is not None:
+            argv += ["--tasks", ",".join(_str_list(evaluation["tasks"], f"{where}.eval.tasks"))]
+        member.steps.append(Step(name, "eval", argv + _extra(evaluation, f"{where}.eval")))
+
+    push = _section(spec, "push", where) or {}
+    argv = ["push", "--checkpoint", str(current), "--repo-id", repo_id]
+    base_model = spec.get("base_model") or (base if is_hub_id(base) else None)
+    if base_model:
+        argv += ["--base-model", _str(base_model, f"{where}.base_model")]
+    if spec.get("license") is not None:
+        argv += ["--license", _str(spec["license"], f"{where}.license")]
+    if push.get("revision") is not None:
+        argv += ["--revision", _str(push["revision"], f"{where}.push.revision")]
+    for key in ("private", "create_pr"):
+        if push.get(key) not in (None, False, True):
+            _fail(f"{where}.push.{key}", f"must be true or false, got {push.get(key)!r}")
+        if push.get(key):
+            argv.append("--" + key.replace("_", "-"))
+    member.steps.append(Step(name, "push", argv + _extra(push, f"{where}.push"), checkpoint=current))
+    return member
+
+
+def plan_release(manifest: dict, names: list[str] | None, work_dir: str | None = None) -> list[Member]:
+    """The members asked for (all when `names` is None), in manifest order."""
+    members = manifest["members"]
+    unknown = [n for n in names or [] if n not in members]
+    if unknown:
+        raise ManifestError(f"unknown member(s) {', '.join(unknown)}; the manifest has {', '.join(members)}")
+    root = Path(work_dir or manifest["work_dir"])
+    return [plan_member(n, s, root) for n, s in members.items() if names is None or n in names]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running.
+
+
+def available_commands() -> set[str]:
+    """The subcommands this version of `modification` has."""
+    from modification.conversion.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def describe_push(step: Step) -> list[str]:
+    """What the push step would upload: the exact list when the checkpoint exists, else the expected files."""
+    folder = step.checkpoint
+    if folder is None or not (folder / "config.json").is_file():
+        return [f"     uploads (after the steps before it): {', '.join(EXPECTED_FILES)}"]
+    from .push import plan_upload
+
+    args = step.argv
+    base_model = args[args.index("--base-model") + 1] if "--base-model" in args else None
+    license = args[args.index("--license") + 1] if "--license" in args else None
+    try:
+        plan = plan_upload(folder, args[args.index("--repo-id") + 1], base_model=base_model, license=license)
+    except (ValueError, OSError) as err:
+        return [f"     uploads: cannot be listed yet: {err}"]
+    lines = [f"     uploads {len(plan.files)} files (verified when the step runs):"]
+    lines += [f"       {name}  {plan.size(name):,} bytes" for name in plan.files]
+    if plan.skipped:
+        lines.append(f"     not uploaded: {', '.join(plan.skipped)}")
+    return lines
+
+
+def format_plan(members: list[Member], steps: tuple[str, ...], available: set[str]) -> str:
+    lines = []
+    for member in members:
+        lines.append(f"== {member.name}: {member.base} -> {member.repo_id}")
+        for i, step in enumerate(member.steps, 1):
+            if step.name not in steps:
+                continue
+            missing = "" if step.name in available else "   [missing: this version has no `modification " \
+                                                          f"{step.name}`]"
+            lines.append(f"  {i}. {step.name:<9} {step.command()}{missing}")
+            if step.name == "push":
+                lines += describe_push(step)
+    return "\n".join(lines)
+
+
+def run_release(
+    manifest_path: str | Path,
+    names: list[str] | None,
+    *,
+    steps: tuple[str, ...] = STEPS,
+    work_dir: str | None = None,
+    dry_run: bool = False,
+) -> list[Member]:
+    """Print the plan; unless `dry_run`, run each step as `python -m modification.conversion.cli ...`, stopping at
+    the first failure. Missing commands and a missing Hub token are reported before anything runs."""
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ValueError(f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
+    members = plan_release(load_manifest(manifest_path), names, work_dir)
+    available = available_commands()
+    print(format_plan(members, steps, available))
+    if dry_run:
+        print("dry run: nothing was run")
+        return members
+    to_run = [s for m in members for s in m.steps if s.name in steps]
+    missing = sorted({s.name for s in to_run if s.name not in available}, key=STEPS.index)
+    if missing:
+        raise ValueError(
+            f"step(s) {', '.join(missing)} cannot run: this version of modification has no "
+            f"{', '.join('`modification ' + m + '`' for m in missing)} (it has {', '.join(sorted(available))}); "
+            "nothing was run. Use --steps to run the others"
+        )
+    if any(s.name == "push" for s in to_run):
+        from .push import require_token
+
+        require_token()  # hours of training should not end in "no token"
+    for step in to_run:
+        print(f"==> [{step.member}] {step.command()}", flush=True)
+        result = subprocess.run([sys.executable, "-m", "modification.conversion.cli", *step.argv])
+        if result.returncode != 0:
+            raise ValueError(
+                f"member {step.member}: step {step.name} failed (exit code {result.returncode}); later steps were "
+                f"not run. Command: {step.command()}"
+            )
+    return members
