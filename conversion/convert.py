@@ -30,6 +30,12 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
+# Licence files travel with the weights: some base licences (Llama's) require shipping them with derivatives.
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md", "NOTICE", "NOTICE.txt")
+ROUTING_FIELDS = (
+    "router_kind", "routed_layers", "router_threshold", "topk_capacity", "gate_mode", "router_init_bias",
+    "load_loss_coef", "load_loss_target", "topk_aux_loss_coef",
+)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -45,6 +51,9 @@ def _check_supported(model_type: str | None, where: str) -> None:
 
 def mod_config_from_base(base_config: PreTrainedConfig, **routing: Any) -> MoDConfig:
     """A `MoDConfig` with the base's architecture and the given routing fields (see `MoDConfig` for their names)."""
+    unknown = sorted(set(routing) - set(ROUTING_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown routing field(s) {', '.join(unknown)}; the routing fields are {', '.join(ROUTING_FIELDS)}")
     model_type = base_config.model_type
     _check_supported(model_type, "the base config")
     fields = {name: getattr(base_config, name, None) for name in _COMMON_FIELDS}
@@ -119,18 +128,20 @@ def convert_checkpoint(
     model.config.base_model_name_or_path = base
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_checkpoint(model, tmp)
-        if not copy_tokenizer_files(base, tmp, revision=revision):
+        copied = copy_base_files(base, tmp, revision=revision)
+        if not set(copied) & set(TOKENIZER_FILES):
             logger.warning("%s has no tokenizer files; the MoD checkpoint has none either", base)
     return out
 
 
-def copy_tokenizer_files(base: str, dest: Path, revision: str | None = None) -> list[str]:
-    """Copy the base's tokenizer files byte for byte (no re-serialisation that could change them)."""
+def copy_base_files(base: str, dest: Path, revision: str | None = None) -> list[str]:
+    """Copy the base's tokenizer and licence files byte for byte (no re-serialisation that could change them)."""
+    names = TOKENIZER_FILES + LICENSE_FILES
     source = Path(base)
     if not source.is_dir():
-        source = Path(snapshot_download(base, revision=revision, allow_patterns=list(TOKENIZER_FILES)))
+        source = Path(snapshot_download(base, revision=revision, allow_patterns=list(names)))
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in names:
         if (source / name).is_file():
             shutil.copyfile(source / name, dest / name)
             copied.append(name)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import VOCAB, place_in_hub_cache, save_base, tiny_base, tiny_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from modification.conversion.checkpoint import CheckpointError, load_mod_model
 from modification.conversion.cli import main as cli
@@ -23,8 +23,10 @@ def _ids():
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_convert_cli_writes_loadable_checkpoint(tmp_path, arch):
     base_dir = save_base(arch, tmp_path / "base")
+    (base_dir / "LICENSE").write_text("base licence text")
     out = tmp_path / "mod"
     assert cli(["convert", "--base", str(base_dir), "--out", str(out), "--threshold", "0.55"]) == 0
+    assert (out / "LICENSE").read_text() == "base licence text"
     files = sorted(p.name for p in out.iterdir())
     for name in ["config.json", "configuration_mod.py", "modeling_mod.py", "model.safetensors", "tokenizer.json"]:
         assert name in files
@@ -107,6 +109,13 @@ def test_bad_routing_arguments_leave_no_output(tmp_path, capsys, flags, message)
     assert cli(["convert", "--base", str(base_dir), "--out", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_unknown_routing_field_is_rejected(tmp_path):
+    base_dir = save_base("llama", tmp_path / "base")
+    with pytest.raises(TypeError, match="threshold"):
+        convert_checkpoint(str(base_dir), tmp_path / "out", threshold=0.55)  # the field is router_threshold
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_needs_overwrite(tmp_path):
