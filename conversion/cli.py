@@ -80,12 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom code in the base checkpoint")
     add_routing_arguments(p)
     p.set_defaults(func=_cmd_convert)
+
+    from .benchmark import add_bench_parser
+    from .evaluation import add_eval_parser
+    from .plots import add_show_routing_parser
+
+    add_eval_parser(sub)
+    add_bench_parser(sub)
+    add_show_routing_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with the numbers it produced
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
