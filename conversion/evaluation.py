@@ -420,24 +420,30 @@ def evaluate_perplexity(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def task_manager(tasks_path: list[str] | None):
-    """lm-eval's TaskManager over its built-in tasks plus the local task folders/files in `tasks_path`."""
+def task_manager(tasks: list[str], tasks_path: list[str] | None):
+    """lm-eval's TaskManager for `tasks`, after checking that each is a known task/group/tag name, a glob matching
+    one, or a task YAML file (a clear error otherwise).
+
+    When every task is found among the local tasks of `tasks_path` alone, only those are indexed (indexing lm-eval's
+    thousands of built-in task files takes seconds); otherwise the built-in tasks are indexed too.
+    """
     from lm_eval.tasks import TaskManager
 
     for p in tasks_path or []:
         if not Path(p).exists():
             raise FileNotFoundError(f"no task folder or file at {p}")
-    return TaskManager(include_path=list(tasks_path) if tasks_path else None)
-
-
-def check_tasks(tasks: list[str], manager) -> None:
-    """Every task must be a known task/group/tag name, a glob that matches one, or a task YAML file."""
+    if tasks_path:
+        local = TaskManager(include_path=list(tasks_path), include_defaults=False)
+        if all(Path(name).is_file() or local.match_tasks([name]) for name in tasks):
+            return local
+    manager = TaskManager(include_path=list(tasks_path) if tasks_path else None)
     for name in tasks:
         if Path(name).is_file() or manager.match_tasks([name]):
             continue
         close = difflib.get_close_matches(name, manager.all_tasks, n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; local tasks need --tasks-path"
         raise ValueError(f"unknown lm-eval task {name!r}{hint}")
+    return manager
 
 
 def run_lm_eval(
@@ -560,8 +566,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     manager = None
     if tasks:
-        manager = task_manager(args.tasks_path)
-        check_tasks(tasks, manager)
+        manager = task_manager(tasks, args.tasks_path)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     progress = not args.no_progress

@@ -206,6 +206,8 @@ def test_show_routing_writes_map_html_and_bars(tmp_path, capsys):
         (["eval", "--data", "{tmp}/empty.txt"], "holds no text"),
         (["eval", "--data", "{tmp}/bad.jsonl"], "no string field 'text'"),
         (["eval"], "nothing to evaluate"),
+        (["eval", "--tasks", "hellaswagg"], "unknown lm-eval task 'hellaswagg'; did you mean hellaswag"),
+        (["eval", "--tasks", "x", "--tasks-path", "{tmp}/nowhere"], "no task folder or file"),
         (["show-routing", "--text", "   "], "the text is empty"),
         (["show-routing", "--text-file", "{tmp}/missing.txt"], "no text file"),
     ],
