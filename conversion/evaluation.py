@@ -181,7 +181,7 @@ def update_results(
     results["schema_version"] = SCHEMA_VERSION
     results["model"] = {
         "name_or_path": model_name,
-        "base_model": base_name or config.base_model_name_or_path,
+        "base_model": config.base_model_name_or_path or base_name,  # the Hub id where known, not a local copy
         "base_model_type": config.base_model_type,
     }
     results["routing"] = routing
@@ -233,8 +233,8 @@ def load_texts(data: str, text_field: str = "text", split: str = "test", data_co
                 raise ValueError(f"{path} has splits {list(dataset)}, not {split!r} (use --split)")
             dataset = dataset[split]
         texts = _column(dataset, text_field, str(path))
-    elif os.sep in data or data.endswith((".txt", ".jsonl", ".json")) or data.startswith("."):
-        raise FileNotFoundError(f"no data file or folder at {data}")
+    elif data.startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json") or data.count("/") > 1:
+        raise FileNotFoundError(f"no data file or folder at {data}")  # a path, not a datasets name (org/name)
     else:
         import datasets
 
@@ -561,8 +561,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         raise ValueError("--stride must be a positive number of tokens")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError("--max-tokens must be at least 2")
-    texts = {data_label(d, args.split, args.data_config): load_texts(d, args.text_field, args.split, args.data_config)
-             for d in args.data}
+    texts = {}
+    for data in args.data:
+        label = data_label(data, args.split, args.data_config)
+        texts[data if label in texts else label] = load_texts(data, args.text_field, args.split, args.data_config)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     manager = None
     if tasks:

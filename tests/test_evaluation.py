@@ -220,3 +220,23 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
     assert cli([argv[0], "--model", str(tmp_path / "no-model"), *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert f"modification {argv[0]}: error:" in err and message in err
+
+
+def test_optional_result_fields_are_validated():
+    from modification.conversion.results import validate_results
+
+    good = {"schema_version": 1, "model": {"name_or_path": "m"}, "routing": {
+        "router_kind": "threshold", "gate_mode": "exact", "routed_layers": [1], "router_threshold": 0.5},
+        "quality": {"perplexity": [{"dataset": "a", "context_length": 8, "mod": 2.0, "base": None, "stride": 4}]},
+        "efficiency": {"per_layer_routed_fraction": [1.0, 0.5], "kv_ratio": None,
+                       "decode": [{"batch_size": 1, "throughput_ratio": 1.2, "ideal_throughput_ratio": None}]}}
+    validate_results(good)
+    for section, key, bad in [("quality", "perplexity", {"stride": "4"}), ("efficiency", "decode", {"new_tokens": 1.5})]:
+        broken = json.loads(json.dumps(good))
+        broken[section][key][0].update(bad)
+        with pytest.raises(ValueError, match=f"{section}.{key}\\[0\\].{next(iter(bad))}"):
+            validate_results(broken)
+    broken = json.loads(json.dumps(good))
+    broken["efficiency"]["per_layer_routed_fraction"] = [1.2]
+    with pytest.raises(ValueError, match="per_layer_routed_fraction"):
+        validate_results(broken)
