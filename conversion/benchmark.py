@@ -309,6 +309,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); on a machine shared with other jobs, 1 "
+                        "avoids threads waiting on each other, which can slow small models several times")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for bench.json, bench.png and results.json (default: the "
                                                "checkpoint folder if local, else ./<org--name>)")
@@ -362,6 +365,10 @@ def cmd_bench(args) -> dict:
         raise ValueError("--lengths needs at least one context length")
     if args.repetitions < 1 or args.decode_tokens < 1 or args.decode_prompt_length < 1:
         raise ValueError("--repetitions, --decode-tokens and --decode-prompt-length must be positive")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)  # recorded in the hardware section as torch_threads
     texts = load_texts(args.data, args.text_field, args.split, args.data_config) if args.data else None
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

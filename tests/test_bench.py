@@ -4,6 +4,7 @@ This checks the measurement plumbing, not speed (benchmarks are scripts, see ben
 import json
 
 import pytest
+import torch
 from helpers import save_base
 from test_evaluation import _png_ok, _routed_checkpoint, _write_text
 
@@ -26,8 +27,12 @@ def test_bench_json_has_every_field_with_sane_values(tmp_path, capsys, with_text
             "--decode-batch-sizes", "1,2", "--decode-tokens", "3", "--decode-prompt-length", "16", "--out", str(out),
             "--no-progress"]
     if with_text:
-        argv += ["--data", str(_write_text(tmp_path / "text.txt", 120))]
-    assert cli(argv) == 0
+        argv += ["--data", str(_write_text(tmp_path / "text.txt", 120)), "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert cli(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
     bench = json.loads((out / "bench.json").read_text())
     assert bench["command"] == "modification " + " ".join(argv)
     assert bench["prompts"] == ("text.txt" if with_text else "random token ids")
@@ -36,6 +41,7 @@ def test_bench_json_has_every_field_with_sane_values(tmp_path, capsys, with_text
                 "mod_attention_backend", "base_attn_implementation", "prompts", "peak_memory"):
         assert key in setup, key
     assert setup["device_type"] == "cpu" and setup["dtype"] == "float32" and setup["repetitions"] == 3
+    assert setup["torch_threads"] == (1 if with_text else threads)
 
     assert [row["length"] for row in bench["prefill"]] == [24, 48]
     for row in bench["prefill"]:
