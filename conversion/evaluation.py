@@ -566,6 +566,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         label = data_label(data, args.split, args.data_config)
         texts[data if label in texts else label] = load_texts(data, args.text_field, args.split, args.data_config)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks_batch_size != "auto" and not args.tasks_batch_size.isdigit():
+        raise ValueError(f"--tasks-batch-size must be a positive integer or auto, got {args.tasks_batch_size!r}")
     manager = None
     if tasks:
         manager = task_manager(tasks, args.tasks_path)
