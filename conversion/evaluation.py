@@ -616,6 +616,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     if tasks:
         batch_size = args.tasks_batch_size if args.tasks_batch_size == "auto" else int(args.tasks_batch_size)
+        if config.router_kind == "topk" and batch_size != 1:
+            # lm-eval right-pads batches without an attention mask; top-k routing ranks a whole sequence, padding
+            # included, so scores would depend on what a sequence was batched with.
+            logger.warning("top-k routing is not causal in prefill: use --tasks-batch-size 1 for comparable scores")
         common = dict(manager=manager, device=device, dtype=dtype, batch_size=batch_size, limit=args.limit,
                       num_fewshot=args.num_fewshot)
         mod_out = run_lm_eval(str(folder), tasks, **common)
