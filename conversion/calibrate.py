@@ -138,6 +138,8 @@ def calibrate_checkpoint(
     held_out_fraction: float = 0.25,
     per_layer: bool = True,
     text_field: str = "text",
+    split: str = "train",
+    data_config: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -159,7 +161,9 @@ def calibrate_checkpoint(
     if seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
-    blocks = torch.cat(load_blocks(data, tokenizer, seq_len, text_field=text_field, progress=progress))[:max_blocks]
+    blocks = load_blocks(data, tokenizer, seq_len, text_field=text_field, split=split, dataset_config=data_config,
+                         progress=progress)
+    blocks = torch.cat(blocks)[:max_blocks]
     calib, held_out = split_blocks([blocks], held_out_fraction)
     model, _ = load_mod_model(str(folder))
     batches = [{"input_ids": b[None]} for b in calib[0]]

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from .data import add_data_arguments
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -74,15 +76,6 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", nargs="+", required=required, metavar="SOURCE",
-                       help=".txt/.jsonl/.json files or folders, save_to_disk folders, or datasets.load_dataset names")
-    group.add_argument("--text-field", default="text", help="field holding the text in jsonl/json/datasets records")
-    group.add_argument("--dataset-split", default="train", help="split of a datasets source")
-    group.add_argument("--dataset-config", default=None, help="config name of a datasets source")
-
-
 def _cmd_train(args: argparse.Namespace) -> None:
     from .train import TrainSettings, train
 
@@ -94,7 +87,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         save_steps=args.save_steps, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
         eval_fraction=args.eval_fraction, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
         fsdp=args.fsdp, data=args.data, data_weights=args.data_weights, text_field=args.text_field,
-        dataset_split=args.dataset_split, dataset_config=args.dataset_config,
+        dataset_split=args.split, dataset_config=args.data_config,
         max_tokens_per_source=args.max_tokens_per_source,
     )
     out = train(args.model, args.out, settings, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
@@ -109,6 +102,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     record = calibrate_checkpoint(
         args.model, args.target, args.data, out=args.out, seq_len=args.seq_len, max_blocks=args.max_blocks,
         held_out_fraction=args.held_out_fraction, per_layer=not args.global_threshold, text_field=args.text_field,
+        split=args.split, data_config=args.data_config,
         overwrite=args.overwrite,
     )
     held = record.get("held_out_executed_fraction")
@@ -192,12 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     from modification.push_scripts.cli import add_publish_commands
 
     add_publish_commands(sub)  # card, push, release
+
+    from .benchmark import add_bench_parser
+    from .evaluation import add_eval_parser
+    from .plots import add_show_routing_parser
+
+    add_eval_parser(sub)
+    add_bench_parser(sub)
+    add_show_routing_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with the numbers it produced
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)

@@ -29,8 +29,9 @@ class DataError(ValueError):
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix in TEXT_SUFFIXES + RECORD_SUFFIXES + (
-        ".parquet", ".csv")
+    # Hub dataset names are `name` or `org/name`; anything else that does not exist is a missing file or folder.
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1
+            or Path(source).suffix in TEXT_SUFFIXES + RECORD_SUFFIXES + (".parquet", ".csv"))
 
 
 def _read_records(path: Path, text_field: str) -> Iterator[str]:
@@ -71,12 +72,16 @@ def read_documents(
             yield path.read_text(encoding="utf-8", errors="replace")
         return
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        if any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
             from datasets import load_from_disk
 
             dataset = load_from_disk(str(path))
             if hasattr(dataset, "keys"):  # a DatasetDict
+                if split not in dataset:
+                    raise DataError(f"{path} has splits {list(dataset)}, not {split!r} (use --split)")
                 dataset = dataset[split]
+            if text_field not in dataset.column_names:
+                raise DataError(f"{path} has columns {dataset.column_names}, no {text_field!r} (use --text-field)")
             for record in dataset:
                 yield str(record[text_field])
             return
@@ -87,7 +92,7 @@ def read_documents(
             yield from read_documents(str(file), text_field=text_field)
         return
     if _looks_like_path(source):
-        raise DataError(f"data source {source} does not exist")
+        raise DataError(f"data source {source} does not exist (no such file or folder)")
     from datasets import load_dataset
 
     try:
@@ -103,17 +108,24 @@ def read_documents(
         yield str(record[text_field])
 
 
-def tokenize_and_pack(
+def load_texts(
+    source: str, text_field: str = "text", split: str = "train", dataset_config: str | None = None
+) -> list[str]:
+    """The non-empty documents of one source, as a list; a source without text is an error."""
+    texts = [t for t in read_documents(source, text_field, split, dataset_config) if t.strip()]
+    if not texts:
+        raise DataError(f"data source {source} holds no text")
+    return texts
+
+
+def tokenize_stream(
     documents: Iterator[str] | Sequence[str],
     tokenizer,
-    seq_len: int,
     max_tokens: int | None = None,
     desc: str = "tokenizing",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Tokenise documents, join them with EOS and cut the stream into `[n_blocks, seq_len]` (remainder dropped)."""
-    if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    """One 1-D token stream: each document's tokens (no special tokens) followed by EOS, cut at `max_tokens`."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in tqdm(documents, desc=desc, unit="doc", disable=not progress, leave=False):
@@ -123,10 +135,24 @@ def tokenize_and_pack(
         if eos is not None:
             ids.append(eos)
         if max_tokens is not None and len(ids) >= max_tokens:
-            ids = ids[:max_tokens]
             break
-    n_blocks = len(ids) // seq_len
-    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+    return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
+
+
+def tokenize_and_pack(
+    documents: Iterator[str] | Sequence[str],
+    tokenizer,
+    seq_len: int,
+    max_tokens: int | None = None,
+    desc: str = "tokenizing",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Tokenise documents into one stream and cut it into `[n_blocks, seq_len]` (remainder dropped)."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
+    ids = tokenize_stream(documents, tokenizer, max_tokens, desc, progress)
+    n_blocks = ids.numel() // seq_len
+    return ids[: n_blocks * seq_len].view(n_blocks, seq_len)
 
 
 def load_blocks(
@@ -201,3 +227,13 @@ class PackedBlocks(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def add_data_arguments(parser, required: bool = True, default_split: str = "train") -> None:
+    """The data flags every command shares: `--data SOURCE [SOURCE ...]` (repeatable), field, split, config."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", nargs="+", action="extend", required=required, default=None, metavar="SOURCE",
+                       help=".txt/.jsonl/.json files or folders, save_to_disk folders, or datasets.load_dataset names")
+    group.add_argument("--text-field", default="text", help="field holding the text in jsonl/json/datasets records")
+    group.add_argument("--split", default=default_split, help=f"split of a datasets source (default {default_split})")
+    group.add_argument("--data-config", default=None, help="config of a datasets source (e.g. wikitext-2-raw-v1)")

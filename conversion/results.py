@@ -14,19 +14,35 @@ Schema (version 1):
       "training": null | {"recipe": str, "data": [str], "steps": int, "sequence_length": int,
                           "learning_rate": float, "tokens": int, ...},
       "quality": {
-        "perplexity": [{"dataset": str, "context_length": int, "tokens": int, "mod": float, "base": float | null}],
-        "tasks": [{"task": str, "metric": str, "mod": float, "base": float | null, "num_samples": int | null}]
+        "perplexity": [{"dataset": str, "context_length": int, "tokens": int, "mod": float, "base": float | null,
+                        # optional (written by `modification eval`):
+                        "stride": int, "windows": int, "executed_fraction": float}],
+        "tasks": [{"task": str, "metric": str, "mod": float, "base": float | null, "num_samples": int | null,
+                   # optional (lm-eval's standard errors and shots):
+                   "mod_stderr": float | null, "base_stderr": float | null, "num_fewshot": int | null}]
       },
       "efficiency": {
         "executed_fraction": float, "per_layer_routed_fraction": [float], "kv_ratio": float | null,
+        # optional: the text the three numbers above were counted on
+        "measured_on": {"data": [str], "context_lengths": [int], "tokens": int},
         "latency": [{"context_length": int, "prefill_latency_ratio": float, "ideal_latency_ratio": float,
-                     "kv_ratio": float | null, "peak_memory_ratio": float | null}],
-        "decode": [{"batch_size": int, "throughput_ratio": float}],
+                     "kv_ratio": float | null, "peak_memory_ratio": float | null,
+                     # optional (written by `modification bench`):
+                     "prefill_latency_ratio_iqr": float, "executed_fraction": float,
+                     "mod_prefill_seconds": float, "base_prefill_seconds": float}],
+        "decode": [{"batch_size": int, "throughput_ratio": float,
+                    # optional (written by `modification bench`):
+                    "ideal_throughput_ratio": float | null, "mod_tokens_per_second": float,
+                    "base_tokens_per_second": float, "prompt_length": int, "new_tokens": int,
+                    "kv_ratio": float | null, "peak_memory_ratio": float | null}],
         "hardware": {"device": str, "device_type": str, "dtype": str, ...}
       },
       "commands": [str],      # the commands that produced the numbers
-      "created": str          # ISO date
+      "created": str,         # ISO date
+      "updated": str          # optional: ISO date of the last merge
     }
+
+Ratios are MoD / base. `peak_memory_ratio` is null where peak memory was not measured (CPU).
 """
 
 from __future__ import annotations
@@ -48,12 +64,17 @@ def _check(cond: bool, field: str, expected: str) -> None:
         raise ValueError(f"results field {field!r} must be {expected}")
 
 
-def _check_rows(rows: Any, field: str, required: dict[str, tuple]) -> None:
+_OPTIONAL_NUMBER = (*_NUMBER, type(None))
+
+
+def _check_rows(rows: Any, field: str, required: dict[str, tuple], optional: dict[str, tuple] | None = None) -> None:
     _check(isinstance(rows, list), field, "a list")
     for i, row in enumerate(rows):
         _check(isinstance(row, dict), f"{field}[{i}]", "an object")
         for key, types in required.items():
             _check(key in row and isinstance(row[key], types), f"{field}[{i}].{key}", f"of type {types}")
+        for key, types in (optional or {}).items():
+            _check(key not in row or isinstance(row[key], types), f"{field}[{i}].{key}", f"of type {types}")
 
 
 def validate_results(results: dict) -> dict:
@@ -75,22 +96,44 @@ def validate_results(results: dict) -> dict:
     _check(isinstance(quality, dict), "quality", "an object")
     if "perplexity" in quality:
         _check_rows(quality["perplexity"], "quality.perplexity",
-                    {"dataset": (str,), "context_length": (int,), "mod": _NUMBER, "base": (*_NUMBER, type(None))})
+                    {"dataset": (str,), "context_length": (int,), "mod": _NUMBER, "base": (*_NUMBER, type(None))},
+                    {"tokens": (int,), "stride": (int,), "windows": (int,), "executed_fraction": _NUMBER})
     if "tasks" in quality:
         _check_rows(quality["tasks"], "quality.tasks",
-                    {"task": (str,), "metric": (str,), "mod": _NUMBER, "base": (*_NUMBER, type(None))})
+                    {"task": (str,), "metric": (str,), "mod": _NUMBER, "base": (*_NUMBER, type(None))},
+                    {"num_samples": (int, type(None)), "mod_stderr": _OPTIONAL_NUMBER,
+                     "base_stderr": _OPTIONAL_NUMBER, "num_fewshot": _OPTIONAL_NUMBER})
     efficiency = results.get("efficiency", {})
     _check(isinstance(efficiency, dict), "efficiency", "an object")
     if "executed_fraction" in efficiency:
         value = efficiency["executed_fraction"]
         _check(isinstance(value, _NUMBER) and 0.0 <= value <= 1.0, "efficiency.executed_fraction", "in [0, 1]")
+    if "per_layer_routed_fraction" in efficiency:
+        values = efficiency["per_layer_routed_fraction"]
+        _check(isinstance(values, list) and all(isinstance(v, _NUMBER) and 0.0 <= v <= 1.0 for v in values),
+               "efficiency.per_layer_routed_fraction", "a list of numbers in [0, 1]")
+    if "kv_ratio" in efficiency:
+        _check(isinstance(efficiency["kv_ratio"], _OPTIONAL_NUMBER), "efficiency.kv_ratio", "a number or null")
+    if "measured_on" in efficiency:
+        measured = efficiency["measured_on"]
+        _check(isinstance(measured, dict) and isinstance(measured.get("data"), list)
+               and isinstance(measured.get("tokens"), int), "efficiency.measured_on",
+               "an object with data (a list) and tokens (an int)")
     if "latency" in efficiency:
         _check_rows(efficiency["latency"], "efficiency.latency",
-                    {"context_length": (int,), "prefill_latency_ratio": _NUMBER, "ideal_latency_ratio": _NUMBER})
+                    {"context_length": (int,), "prefill_latency_ratio": _NUMBER, "ideal_latency_ratio": _NUMBER},
+                    {"kv_ratio": _OPTIONAL_NUMBER, "peak_memory_ratio": _OPTIONAL_NUMBER,
+                     "prefill_latency_ratio_iqr": _NUMBER, "executed_fraction": _NUMBER,
+                     "mod_prefill_seconds": _NUMBER, "base_prefill_seconds": _NUMBER})
         _check(isinstance(efficiency.get("hardware"), dict), "efficiency.hardware",
                "an object naming the device the latencies came from")
     if "decode" in efficiency:
-        _check_rows(efficiency["decode"], "efficiency.decode", {"batch_size": (int,), "throughput_ratio": _NUMBER})
+        _check_rows(efficiency["decode"], "efficiency.decode", {"batch_size": (int,), "throughput_ratio": _NUMBER},
+                    {"ideal_throughput_ratio": _OPTIONAL_NUMBER, "mod_tokens_per_second": _NUMBER,
+                     "base_tokens_per_second": _NUMBER, "prompt_length": (int,), "new_tokens": (int,),
+                     "kv_ratio": _OPTIONAL_NUMBER, "peak_memory_ratio": _OPTIONAL_NUMBER})
+    if "updated" in results:
+        _check(isinstance(results["updated"], str), "updated", "an ISO date string")
     return results
 
 

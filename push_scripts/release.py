@@ -41,9 +41,10 @@ ROUTING_FLAGS = {
 }
 SECTION_KEYS = {
     "convert": ("dtype", "revision", "extra_args"),
-    "train": ("recipe", "data", "steps", "seq_len", "lr", "extra_args"),
-    "calibrate": ("target", "data", "extra_args"),
-    "eval": ("data", "tasks", "extra_args"),
+    "train": ("recipe", "data", "steps", "seq_len", "batch_size", "lr", "router_lr", "target", "load_loss_coef",
+              "extra_args"),
+    "calibrate": ("target", "data", "seq_len", "extra_args"),
+    "eval": ("data", "tasks", "context_lengths", "extra_args"),
     "push": ("private", "revision", "create_pr", "extra_args"),
 }
 MEMBER_KEYS = ("base", "base_model", "repo_id", "license", "routing", *SECTION_KEYS)
@@ -224,9 +225,9 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
         out = folder / "trained"
         argv = ["train", "--model", str(current), "--data", *_str_list(train.get("data"), f"{where}.train.data"),
                 "--out", str(out), "--recipe", recipe]
-        for key, flag in (("steps", "--steps"), ("seq_len", "--seq-len"), ("lr", "--lr")):
+        for key in ("steps", "seq_len", "batch_size", "lr", "router_lr", "target", "load_loss_coef"):
             if train.get(key) is not None:
-                argv += [flag, _number(train[key], f"{where}.train.{key}")]
+                argv += ["--" + key.replace("_", "-"), _number(train[key], f"{where}.train.{key}")]
         member.steps.append(Step(name, "train", argv + _extra(train, f"{where}.train")))
         current = out
 
@@ -236,6 +237,10 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
         argv = ["calibrate", "--model", str(current),
                 "--target", _number(calibrate.get("target"), f"{where}.calibrate.target"),
                 "--data", *_str_list(calibrate.get("data"), f"{where}.calibrate.data"), "--out", str(out)]
+        # calibrate on sequences as long as the training ones unless told otherwise
+        seq_len = calibrate.get("seq_len") or (train or {}).get("seq_len")
+        if seq_len is not None:
+            argv += ["--seq-len", _number(seq_len, f"{where}.calibrate.seq_len")]
         member.steps.append(Step(name, "calibrate", argv + _extra(calibrate, f"{where}.calibrate")))
         current = out
 
@@ -246,6 +251,10 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
                 "--data", *_str_list(evaluation.get("data"), f"{where}.eval.data")]
         if evaluation.get("tasks") is not None:
             argv += ["--tasks", ",".join(_str_list(evaluation["tasks"], f"{where}.eval.tasks"))]
+        if evaluation.get("context_lengths") is not None:
+            lengths = evaluation["context_lengths"]
+            lengths = lengths if isinstance(lengths, list) else [lengths]
+            argv += ["--context-lengths", ",".join(_number(n, f"{where}.eval.context_lengths") for n in lengths)]
         member.steps.append(Step(name, "eval", argv + _extra(evaluation, f"{where}.eval")))
 
     push = _section(spec, "push", where) or {}

@@ -1,0 +1,46 @@
+"""KV ratio: bytes of key/value cache a Mixture-of-Depths model holds over what its dense base holds, same inputs.
+
+An `evaluate` module (load it with `evaluate.load("<path to this folder>")`). Each example is one cached prefix (a
+sequence or a batch): the bytes held by the MoD model's `MoDCache` and by the base model's cache (measured, or the
+dense size computed from the config) after running it.
+"""
+
+import datasets
+import evaluate
+
+
+_DESCRIPTION = """
+Ratio of key/value cache bytes, MoD over base, summed over all examples before dividing. A skipped token writes no K/V
+in that layer, so with equal K/V sizes in every layer this ratio equals the executed fraction on the cached tokens.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    mod_kv_bytes (`list[int]`): per example, bytes held by the MoD model's cache.
+    base_kv_bytes (`list[int]`): per example, bytes held by the base (dense) model's cache.
+Returns:
+    kv_ratio (`float`): sum(mod_kv_bytes) / sum(base_kv_bytes).
+Examples:
+    >>> metric = evaluate.load("conversion/metrics/kv_ratio")
+    >>> metric.compute(mod_kv_bytes=[300, 150], base_kv_bytes=[400, 200])
+    {'kv_ratio': 0.75}
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class KVRatio(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"mod_kv_bytes": datasets.Value("int64"), "base_kv_bytes": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, mod_kv_bytes, base_kv_bytes):
+        base_total = sum(int(b) for b in base_kv_bytes)
+        if base_total <= 0:
+            raise ValueError("kv_ratio needs base_kv_bytes > 0")
+        return {"kv_ratio": sum(int(m) for m in mod_kv_bytes) / base_total}

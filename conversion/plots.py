@@ -1,0 +1,350 @@
+"""Pictures of what a MoD model does: per-layer executed fraction, a token x layer routing map (PNG and a small
+self-contained HTML page), and benchmark ratios against context length. `modification show-routing` lives here.
+
+matplotlib runs with the Agg backend (files only, no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works headless, in CI and on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Executed fraction per layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plot_executed_fraction(
+    per_layer: list[float], routed_layers: list[int], path: str | Path, title: str | None = None
+) -> Path:
+    """Bar chart: the fraction of tokens that ran each layer (routed layers in colour), with the overall mean."""
+    plt = _pyplot()
+    n = len(per_layer)
+    mean = sum(per_layer) / n
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * n + 2), 3.6))
+    colors = ["tab:orange" if i in routed_layers else "tab:gray" for i in range(n)]
+    bars = ax.bar(range(n), per_layer, color=colors)
+    if n <= 32:
+        ax.bar_label(bars, labels=[f"{v:.2f}" if i in routed_layers else "" for i, v in enumerate(per_layer)],
+                     fontsize=7, padding=1)
+    ax.axhline(mean, color="tab:blue", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1.12)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of tokens that ran it")
+    ax.set_xticks(range(n) if n <= 40 else range(0, n, max(1, n // 20)))
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:orange", label="routed layer"), Patch(color="tab:gray", label="runs every token"),
+                       Line2D([], [], color="tab:blue", linestyle="--", label=f"executed fraction {mean:.3f}")],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set_title(title or "Executed fraction per layer")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token x layer routing map
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingMap:
+    """What each layer did with each token of one text."""
+
+    tokens: list[str]  # the text of each token
+    gates: torch.Tensor  # [layers, tokens] float: sigmoid(router logit); NaN for layers without a router
+    ran: torch.Tensor  # [layers, tokens] bool: the token ran the layer
+    thresholds: list[float | None]  # per layer: threshold p, None for layers without a router
+    gaps: list[str] | None = None  # the text between the previous token and this one (spaces), when known
+
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "gates": [[None if g != g else round(float(g), 4) for g in row] for row in self.gates.tolist()],
+            "ran": self.ran.int().tolist(),
+            "thresholds": self.thresholds,
+        }
+
+
+@torch.no_grad()
+def collect_routing(model, tokenizer, text: str, max_tokens: int = 256) -> RoutingMap:
+    """Run `text` (its first `max_tokens` tokens) through the MoD model and read its router decisions and gates."""
+    if not text or not text.strip():
+        raise ValueError("the text is empty")
+    try:  # fast tokenizers give character offsets: show each token as the text it covers, spaces included
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"][:max_tokens]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        encoded, offsets = tokenizer(text), None
+    ids = torch.tensor([encoded["input_ids"][:max_tokens]], dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError("the text gives no tokens")
+    tokens, gaps = [], []
+    previous_end = 0
+    for i, token_id in enumerate(ids[0].tolist()):
+        start, end = offsets[i] if offsets is not None else (0, 0)
+        if end > start:
+            gaps.append(text[previous_end:start] if start >= previous_end else "")
+            tokens.append(text[start:end])
+            previous_end = max(previous_end, end)
+        else:  # special tokens (BOS) cover no text
+            gaps.append("")
+            tokens.append(tokenizer.decode([token_id]))
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device), output_router_decisions=True, use_cache=False, logits_to_keep=1)
+    n_layers = model.config.num_hidden_layers
+    gates = torch.full((n_layers, ids.shape[1]), float("nan"))
+    for i, logits in enumerate(out.router_logits):
+        if logits is not None:
+            gates[i] = torch.sigmoid(logits[0].float()).cpu()
+    ran = torch.stack([d[0].cpu() for d in out.router_decisions])
+    routed = set(model.config.routed_layers) if model.config.router_kind != "dense" else set()
+    thresholds = [model.config.threshold_for_layer(i) if i in routed else None for i in range(n_layers)]
+    return RoutingMap(tokens=tokens, gates=gates, ran=ran, thresholds=thresholds, gaps=gaps)
+
+
+def plot_routing_map(routing: RoutingMap, path: str | Path, title: str | None = None) -> Path:
+    """Heatmap, layers x tokens: colour is the gate of routed layers; skipped cells are faded, layers without a router
+    dark grey. Below: the fraction of layers each token ran."""
+    plt = _pyplot()
+    import numpy as np
+    from matplotlib import colormaps
+
+    n_layers, n_tokens = routing.ran.shape
+    gates = routing.gates.numpy()
+    ran = routing.ran.numpy()
+    rgba = colormaps["viridis"](np.nan_to_num(gates, nan=0.0))
+    rgba[~ran] = 0.25 * rgba[~ran] + 0.75  # skipped: faded towards white
+    rgba[~ran, 3] = 1.0
+    unrouted = np.isnan(gates).all(axis=1)
+    rgba[unrouted] = (0.27, 0.27, 0.27, 1.0)
+    width = min(max(6.0, 0.18 * n_tokens + 2.5), 40.0)
+    fig, (ax, ax_bar) = plt.subplots(2, 1, figsize=(width, 1.2 + 0.28 * n_layers + 1.6), sharex=True,
+                                     gridspec_kw={"height_ratios": [max(n_layers, 2), 2]})
+    ax.imshow(rgba, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(n_layers))
+    ax.set_yticklabels([f"{i} (p={p:.2f})" if p is not None else f"{i} (all)" for i, p in
+                        enumerate(routing.thresholds)], fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title((title + "\n" if title else "") + "gate of each token in each layer (faded: skipped; dark: no router)",
+                 fontsize=10)
+    sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, ax=[ax, ax_bar], label="gate sigmoid(router logit)", fraction=0.02, pad=0.01)
+    per_token = ran.mean(axis=0)
+    ax_bar.bar(range(n_tokens), per_token, color="tab:orange", width=1.0)
+    ax_bar.set_ylim(0, 1)
+    ax_bar.set_ylabel("layers run", fontsize=8)
+    if n_tokens <= 80:
+        ax_bar.set_xticks(range(n_tokens))
+        ax_bar.set_xticklabels([_label(t) for t in routing.tokens], rotation=90, fontsize=7)
+    else:
+        ax_bar.set_xlabel("token position")
+    return _save(fig, path)
+
+
+def _label(token: str) -> str:
+    return token.strip().replace("\n", "\\n").replace("$", r"\$") or repr(token)
+
+
+_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color: #222; }}
+#text {{ font-family: ui-monospace, monospace; line-height: 2; white-space: pre-wrap; }}
+.tok {{ padding: 2px 0; border-radius: 3px; cursor: default; }}
+.tok:hover {{ outline: 2px solid #1f77b4; }}
+#tip {{ position: fixed; display: none; background: #fff; border: 1px solid #999; padding: 6px 8px;
+        font-size: 12px; box-shadow: 2px 2px 6px rgba(0,0,0,.2); pointer-events: none; }}
+#tip table {{ border-collapse: collapse; }} #tip td {{ padding: 0 6px; }}
+.skip {{ color: #aaa; }} .legend span {{ padding: 2px 6px; margin-right: 4px; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>{summary}</p>
+<p class="legend">Shade: share of layers a token ran
+<span style="background: rgba(255,127,14,0.10)">few</span><span style="background: rgba(255,127,14,0.85)">all</span>.
+Hover over a token to see its gate in every routed layer.</p>
+<div id="text">{spans}</div>
+<div id="tip"></div>
+<script>
+const R = {data};
+const tip = document.getElementById("tip");
+function row(l) {{
+  return R.thresholds[l] === null ? "" : "<tr" + (this.ran[l] ? "" : " class=skip") + "><td>layer " + l +
+    "</td><td>gate " + this.gates[l].toFixed(3) + "</td><td>p " + R.thresholds[l].toFixed(3) + "</td><td>" +
+    (this.ran[l] ? "ran" : "skipped") + "</td></tr>";
+}}
+document.querySelectorAll(".tok").forEach(el => {{
+  el.addEventListener("mousemove", ev => {{
+    const i = +el.dataset.i;
+    const t = {{gates: R.gates.map(g => g[i]), ran: R.ran.map(r => r[i])}};
+    const runs = t.ran.reduce((a, b) => a + b, 0);
+    tip.innerHTML = "<b>token " + i + "</b>: ran " + runs + " of " + t.ran.length + " layers<table>" +
+      R.thresholds.map((_, l) => row.call(t, l)).join("") + "</table>";
+    tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 14) + "px";
+    tip.style.display = "block";
+  }});
+  el.addEventListener("mouseleave", () => {{ tip.style.display = "none"; }});
+}});
+</script>
+</body></html>
+"""
+
+
+def write_routing_html(routing: RoutingMap, path: str | Path, title: str = "MoD routing") -> Path:
+    """A self-contained page (no external files): the text, each token shaded by the share of layers it ran; hovering
+    a token shows its gate, the threshold and the decision in every routed layer."""
+    ran = routing.ran.float().mean(0).tolist()
+    gaps = routing.gaps or [""] * len(routing.tokens)
+    spans = "".join(
+        f'{html.escape(gap)}<span class="tok" data-i="{i}" style="background: rgba(255,127,14,{0.1 + 0.75 * r:.3f})">'
+        f"{html.escape(tok)}</span>"
+        for i, (gap, tok, r) in enumerate(zip(gaps, routing.tokens, ran))
+    )
+    executed = float(routing.ran.float().mean())
+    summary = (f"{len(routing.tokens)} tokens, {routing.ran.shape[0]} layers, executed fraction {executed:.3f} "
+               f"(share of token-layer work that ran).")
+    # JSON inside <script>: escape "</" so no token text can close the script element.
+    data = json.dumps(routing.to_dict()).replace("</", "<\\/")
+    page = _HTML.format(title=html.escape(title), summary=html.escape(summary), spans=spans, data=data)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Benchmark ratios
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plot_bench(bench: dict, path: str | Path, title: str | None = None) -> Path:
+    """MoD/base ratios against context length (prefill latency with its spread, ideal latency, KV bytes, peak memory
+    on CUDA) and, beside it, decode throughput ratio per batch size next to its ideal."""
+    plt = _pyplot()
+    prefill = bench.get("prefill", [])
+    decode = bench.get("decode", [])
+    fig, axes = plt.subplots(1, 2 if decode else 1, figsize=(11 if decode else 6.5, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2] if decode else [1]})
+    ax = axes[0][0]
+    if prefill:
+        x = [row["length"] for row in prefill]
+        y = [row["latency_ratio"] for row in prefill]
+        spread = [row.get("latency_ratio_paired") for row in prefill]
+        if all(spread):
+            lo = [row["latency_ratio"] - s["q1"] for row, s in zip(prefill, spread)]
+            hi = [s["q3"] - row["latency_ratio"] for row, s in zip(prefill, spread)]
+            ax.errorbar(x, y, yerr=[[max(v, 0) for v in lo], [max(v, 0) for v in hi]], marker="o", capsize=3,
+                        label="prefill latency (median, IQR)")
+        else:
+            ax.plot(x, y, marker="o", label="prefill latency (median)")
+        ax.plot(x, [row["ideal_latency_ratio"] for row in prefill], "k--", label="ideal (executed FLOPs)")
+        ax.plot(x, [row["kv_ratio"] for row in prefill], marker="s", label="KV-cache bytes")
+        if all(row.get("peak_memory_ratio") is not None for row in prefill):
+            ax.plot(x, [row["peak_memory_ratio"] for row in prefill], marker="^", label="peak memory")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(v) for v in x])
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_ylim(0, max([1.2] + [row["latency_ratio"] * 1.1 for row in prefill]))
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("MoD / base")
+    ax.legend(fontsize=8, loc="lower left")
+    setup = bench.get("setup", {})
+    ax.set_title(title or f"MoD / base on {setup.get('device', '?')} ({setup.get('dtype', '?')})", fontsize=10)
+    if decode:
+        ax2 = axes[0][1]
+        import numpy as np
+
+        x2 = np.arange(len(decode))
+        ax2.bar(x2 - 0.2, [row["throughput_ratio"] for row in decode], width=0.4, color="tab:green",
+                label="decode tokens/s (median)")
+        ideal = [row.get("ideal_throughput_ratio") or 0.0 for row in decode]
+        ax2.bar(x2 + 0.2, ideal, width=0.4, color="white", edgecolor="black", hatch="//",
+                label="ideal (1 / executed fraction)")
+        ax2.set_xticks(x2)
+        ax2.set_xticklabels([str(row["batch_size"]) for row in decode])
+        ax2.axhline(1.0, color="gray", linewidth=0.8)
+        ax2.set_ylim(0, 1.3 * max([1.0] + ideal + [row["throughput_ratio"] for row in decode]))
+        ax2.set_xlabel("decode batch size")
+        ax2.set_ylabel("MoD / base throughput")
+        ax2.legend(fontsize=8, loc="upper right")
+        ax2.set_title(f"decode, {decode[0]['prompt_length']}-token prompt", fontsize=10)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `modification show-routing`
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_show_routing_parser(sub) -> None:
+    """Register `modification show-routing`."""
+    p = sub.add_parser("show-routing", help="token x layer routing map of a text (PNG + HTML) and per-layer bars")
+    p.add_argument("--model", required=True, help="MoD checkpoint: folder or Hub id")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the text to route")
+    text.add_argument("--text-file", help="read the text from this file")
+    p.add_argument("--max-tokens", type=int, default=256, help="route at most this many tokens (default 256)")
+    p.add_argument("--out", default="routing", help="output folder (default ./routing)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_show_routing)
+
+
+def cmd_show_routing(args: argparse.Namespace) -> dict[str, Path]:
+    """Run `modification show-routing`; returns the written files."""
+    from .evaluation import load_tokenizer, pick_device, pick_dtype
+    from .checkpoint import load_mod_model
+
+    if args.text_file is not None:
+        if not Path(args.text_file).is_file():
+            raise FileNotFoundError(f"no text file at {args.text_file}")
+        text = Path(args.text_file).read_text(encoding="utf-8", errors="replace")
+    else:
+        text = args.text
+    if not text or not text.strip():
+        raise ValueError("the text is empty: give --text with some words or a non-empty --text-file")
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    device = pick_device(args.device)
+    model, folder = load_mod_model(args.model, dtype=pick_dtype(args.dtype, device))
+    model = model.to(device).eval()
+    tokenizer = load_tokenizer(folder)
+    routing = collect_routing(model, tokenizer, text, args.max_tokens)
+    out = Path(args.out)
+    name = Path(args.model.rstrip("/")).name
+    per_layer = routing.ran.float().mean(1).tolist()
+    files = {
+        "map": plot_routing_map(routing, out / "routing.png", title=f"{name}: routing of {len(routing.tokens)} tokens"),
+        "html": write_routing_html(routing, out / "routing.html", title=f"{name}: routing"),
+        "bars": plot_executed_fraction(per_layer, model.config.routed_layers, out / "executed_fraction.png",
+                                       title=f"{name}: executed fraction on this text"),
+    }
+    (out / "routing.json").write_text(json.dumps(routing.to_dict()) + "\n")
+    for path in files.values():
+        print(f"wrote {path}")
+    return files

@@ -1,0 +1,91 @@
+"""`modification bench` on a tiny model: every field of the JSON, sane values, the plot and the results JSON.
+This checks the measurement plumbing, not speed (benchmarks are scripts, see benchmarks/)."""
+
+import json
+
+import pytest
+import torch
+from helpers import save_base
+from test_evaluation import _png_ok, _routed_checkpoint, _write_text
+
+from modification.conversion.cli import main as cli
+from modification.conversion.results import load_results
+
+
+def _positive_summary(summary: dict) -> None:
+    assert set(summary) >= {"median", "min", "max", "iqr", "q1", "q3", "samples"}
+    assert 0 < summary["min"] <= summary["q1"] <= summary["median"] <= summary["q3"] <= summary["max"]
+    assert summary["iqr"] == pytest.approx(summary["q3"] - summary["q1"])
+
+
+@pytest.mark.parametrize("with_text", [False, True])
+def test_bench_json_has_every_field_with_sane_values(tmp_path, capsys, with_text):
+    base_dir = save_base("llama", tmp_path / "base")
+    ck = _routed_checkpoint(tmp_path / "mod")
+    out = tmp_path / "out"
+    argv = ["bench", "--model", str(ck), "--base", str(base_dir), "--lengths", "24,48", "--repetitions", "3",
+            "--decode-batch-sizes", "1,2", "--decode-tokens", "3", "--decode-prompt-length", "16", "--out", str(out),
+            "--no-progress"]
+    if with_text:
+        argv += ["--data", str(_write_text(tmp_path / "text.txt", 120)), "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert cli(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["command"] == "modification " + " ".join(argv)
+    assert bench["prompts"] == ("text.txt" if with_text else "random token ids")
+    setup = bench["setup"]
+    for key in ("device", "device_type", "dtype", "torch_threads", "torch_version", "repetitions",
+                "mod_attention_backend", "base_attn_implementation", "prompts", "peak_memory"):
+        assert key in setup, key
+    assert setup["device_type"] == "cpu" and setup["dtype"] == "float32" and setup["repetitions"] == 3
+    assert setup["torch_threads"] == (1 if with_text else threads)
+
+    assert [row["length"] for row in bench["prefill"]] == [24, 48]
+    for row in bench["prefill"]:
+        _positive_summary(row["mod_seconds"])
+        _positive_summary(row["base_seconds"])
+        assert len(row["mod_seconds"]["samples"]) == 3
+        assert row["latency_ratio"] == pytest.approx(row["mod_seconds"]["median"] / row["base_seconds"]["median"])
+        assert row["latency_ratio_paired"]["min"] <= row["latency_ratio_paired"]["median"]
+        routed = row["routed_fraction_per_layer"]
+        assert len(routed) == 4 and routed[0] == routed[2] == 1.0 and min(routed) < 1.0
+        assert row["executed_fraction"] == pytest.approx(sum(routed) / 4)
+        assert 0.5 < row["ideal_latency_ratio"] < 1.0
+        # The MoD cache holds exactly the tokens that ran each layer; the base cache every token in every layer.
+        assert row["base_kv_bytes"] == 2 * 4 * row["length"] * 2 * 16 * 4  # layers, tokens, kv heads, head dim, fp32
+        assert row["kv_ratio"] == pytest.approx(row["executed_fraction"])
+        assert "peak_memory_ratio" not in row  # measured on CUDA only
+
+    assert [row["batch_size"] for row in bench["decode"]] == [1, 2]
+    for row in bench["decode"]:
+        _positive_summary(row["mod_tokens_per_second"])
+        _positive_summary(row["base_tokens_per_second"])
+        assert row["throughput_ratio"] > 0 and 0.5 <= row["executed_fraction"] <= 1.0  # 2 of 4 layers always run
+        assert row["ideal_throughput_ratio"] == pytest.approx(1 / row["executed_fraction"])
+        assert row["base_kv_bytes"] == 2 * 4 * row["batch_size"] * (16 + 3) * 2 * 16 * 4
+        assert 0 < row["mod_kv_bytes"] < row["base_kv_bytes"] and row["kv_ratio"] < 1.0
+
+    _png_ok(out / "bench.png")
+    results = load_results(out)
+    efficiency = results["efficiency"]
+    assert [r["context_length"] for r in efficiency["latency"]] == [24, 48]
+    assert efficiency["latency"][0]["prefill_latency_ratio"] == bench["prefill"][0]["latency_ratio"]
+    assert [r["batch_size"] for r in efficiency["decode"]] == [1, 2]
+    assert efficiency["hardware"]["device_type"] == "cpu"
+    assert results["commands"] == [bench["command"]]
+    assert "latency ratio" in capsys.readouterr().out
+
+
+def test_bench_needs_a_base_and_enough_text(tmp_path, capsys):
+    ck = _routed_checkpoint(tmp_path / "mod")  # no base_model_name_or_path
+    assert cli(["bench", "--model", str(ck), "--lengths", "16", "--out", str(tmp_path / "o")]) == 2
+    assert "give --base" in capsys.readouterr().err
+    base_dir = save_base("llama", tmp_path / "base")
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    assert cli(["bench", "--model", str(ck), "--base", str(base_dir), "--lengths", "16", "--data", str(short),
+                "--out", str(tmp_path / "o")]) == 2
+    assert "the benchmark needs 256" in capsys.readouterr().err

@@ -1,0 +1,242 @@
+"""`modification eval` / `show-routing`: perplexity against the real base, executed fraction from router decisions,
+the results JSON, plots and bad input. Tiny models built here; no network."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import VOCAB, reference_forward, routed_model, save_base, tiny_base, tiny_tokenizer
+
+from modification.conversion.checkpoint import save_checkpoint
+from modification.conversion.cli import main as cli
+from modification.conversion.evaluation import load_metric, sliding_windows, tokenize_texts, update_results
+from modification.conversion.results import load_results
+
+
+def _write_text(path: Path, words: int, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (words,), generator=gen).tolist()
+    lines = [" ".join(f"w{i - 4}" for i in ids[j:j + 12]) for j in range(0, words, 12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _routed_checkpoint(folder: Path, base_dir: Path | None = None) -> Path:
+    model = routed_model("llama")
+    if base_dir is not None:
+        model.config.base_model_name_or_path = str(base_dir)
+    save_checkpoint(model, folder, tokenizer=tiny_tokenizer())
+    return folder
+
+
+def _png_ok(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert path.stat().st_size > 5000, path
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels[..., :3].std() > 0.05, f"{path} is blank"
+
+
+def _reference_perplexity(base, stream: torch.Tensor, context: int, stride: int) -> float:
+    """Sliding-window perplexity through the model's own loss (labels -100 on tokens already scored), windows ending
+    at context, context + stride, ... and at the end of the text, each with up to `context` tokens."""
+    nll, count, prev_end = 0.0, 0, 0
+    ends = list(range(min(context, stream.numel()), stream.numel(), stride)) + [stream.numel()]
+    for end in sorted(set(ends)):
+        ids = stream[max(0, end - context):end].unsqueeze(0)
+        labels = ids.clone()
+        labels[:, : ids.shape[1] - (end - prev_end)] = -100
+        with torch.no_grad():
+            loss = base(input_ids=ids, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        nll += loss.item() * n
+        count += n
+        prev_end = end
+    assert count == stream.numel() - 1
+    return math.exp(nll / count)
+
+
+def test_sliding_windows_score_every_token_once():
+    for n, context, stride in [(10, 4, 2), (10, 4, 4), (9, 4, 3), (3, 8, 4), (100, 16, 5)]:
+        windows = sliding_windows(n, context, stride)
+        scored = [t for begin, end, k in windows for t in range(end - k, end)]
+        assert sorted(scored) == list(range(n)), (n, context, stride)
+        assert all(end - begin <= context and 0 < k <= end - begin for begin, end, k in windows)
+        # every scored token after the first window sees at least context - stride earlier tokens
+        for begin, end, k in windows[1:]:
+            assert end - k - begin >= min(context - stride, end - k)
+
+
+def test_converted_dense_model_has_the_base_perplexity(tmp_path, capsys):
+    base_dir = save_base("llama", tmp_path / "base")
+    assert cli(["convert", "--base", str(base_dir), "--out", str(tmp_path / "mod")]) == 0
+    text = _write_text(tmp_path / "text.txt", 300)
+    out = tmp_path / "out"
+    assert cli(["eval", "--model", str(tmp_path / "mod"), "--base", str(base_dir), "--data", str(text),
+                "--context-lengths", "64,512", "--stride", "32", "--out", str(out), "--no-progress"]) == 0
+    results = load_results(out)
+    rows = {r["context_length"]: r for r in results["quality"]["perplexity"]}
+    stream = tokenize_texts(tiny_tokenizer(), [text.read_text()])
+    assert set(rows) == {64, stream.numel()}  # the text is shorter than 512: one window of all of it
+    base = tiny_base("llama")
+    for context, row in rows.items():
+        expected = _reference_perplexity(base, stream, context, min(32, context))
+        assert row["base"] == pytest.approx(expected, rel=1e-5)
+        assert row["mod"] == pytest.approx(row["base"], rel=1e-5)
+        assert row["tokens"] == stream.numel() - 1
+        assert 1.0 < row["mod"] < 2 * VOCAB  # a random model: near-uniform, not degenerate
+    assert results["efficiency"]["executed_fraction"] == 1.0 and results["efficiency"]["kv_ratio"] == 1.0
+    assert "perplexity text.txt @64" in capsys.readouterr().out
+
+
+def test_executed_fraction_matches_router_decisions(tmp_path):
+    base_dir = save_base("llama", tmp_path / "base")
+    ck = _routed_checkpoint(tmp_path / "mod", base_dir)
+    text = _write_text(tmp_path / "text.txt", 150, seed=1)
+    out = tmp_path / "out"
+    # No --base: the checkpoint's base_model_name_or_path is a local folder, so it is used.
+    assert cli(["eval", "--model", str(ck), "--data", str(text), "--context-lengths", "256", "--out", str(out),
+                "--no-progress"]) == 0
+    results = load_results(out)
+    assert results["model"]["base_model"] == str(base_dir)
+    assert results["quality"]["perplexity"][0]["base"] is not None
+
+    # Count from the slow reference implementation's routing masks on the same (single-window) stream.
+    model = routed_model("llama")
+    stream = tokenize_texts(tiny_tokenizer(), [text.read_text()]).unsqueeze(0)
+    _, masks = reference_forward(model, stream)
+    per_layer = [m.sum().item() / stream.numel() for m in masks]
+    with torch.no_grad():
+        decisions = model(stream, output_router_decisions=True).router_decisions
+    assert per_layer == [d.sum().item() / stream.numel() for d in decisions]
+    efficiency = results["efficiency"]
+    assert efficiency["per_layer_routed_fraction"] == pytest.approx(per_layer, abs=1e-12)
+    assert efficiency["executed_fraction"] == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-12)
+    assert 0.5 < efficiency["executed_fraction"] < 1.0  # the routers really skip tokens
+    # K/V are written only by tokens that ran a layer, and every layer has the same K/V size.
+    assert efficiency["kv_ratio"] == pytest.approx(efficiency["executed_fraction"], abs=1e-12)
+    _png_ok(out / "executed_fraction.png")
+    records = list((out / "eval_records").glob("result-*.json"))
+    assert len(records) == 1 and "_git_commit_hash" in json.loads(records[0].read_text())
+
+
+def test_executed_fraction_over_sliding_windows_counts_every_window(tmp_path):
+    ck = _routed_checkpoint(tmp_path / "mod")
+    text = _write_text(tmp_path / "text.txt", 100, seed=2)
+    out = tmp_path / "out"
+    assert cli(["eval", "--model", str(ck), "--no-base", "--data", str(text), "--context-lengths", "32",
+                "--stride", "12", "--out", str(out), "--no-progress"]) == 0
+    efficiency = load_results(out)["efficiency"]
+    model = routed_model("llama")
+    stream = tokenize_texts(tiny_tokenizer(), [text.read_text()])
+    counts, tokens = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64), 0
+    for begin, end, _ in sliding_windows(stream.numel(), 32, 12):
+        with torch.no_grad():
+            out_ = model(stream[begin:end].unsqueeze(0), output_router_decisions=True)
+        counts += torch.tensor([float(d.sum()) for d in out_.router_decisions])
+        tokens += end - begin
+    assert efficiency["per_layer_routed_fraction"] == pytest.approx((counts / tokens).tolist(), abs=1e-12)
+
+
+def test_metric_modules_load_from_local_folders():
+    metric = load_metric("executed_fraction")
+    result = metric.compute(routed_tokens=[[5, 2, 5, 0], [3, 3, 3, 1]], tokens=[5, 3])
+    assert result["per_layer_routed_fraction"] == [1.0, 5 / 8, 1.0, 1 / 8]
+    assert result["executed_fraction"] == pytest.approx((1 + 5 / 8 + 1 + 1 / 8) / 4)
+    with pytest.raises(ValueError, match="routed-token counts"):
+        load_metric("executed_fraction").compute(routed_tokens=[[6]], tokens=[5])
+    assert load_metric("kv_ratio").compute(mod_kv_bytes=[10, 20], base_kv_bytes=[40, 40])["kv_ratio"] == 30 / 80
+
+
+def test_results_merge_keeps_other_rows_and_drops_stale_routing(tmp_path):
+    model = routed_model("llama")
+    path = tmp_path / "results.json"
+    row = {"dataset": "a", "context_length": 64, "tokens": 10, "mod": 5.0, "base": 4.0}
+    update_results(path, model.config, "m", None, "cmd1", quality={"perplexity": [row]})
+    update_results(path, model.config, "m", None, "cmd2",
+                   quality={"perplexity": [dict(row, context_length=128), dict(row, mod=6.0)]},
+                   efficiency={"executed_fraction": 0.8})
+    results = load_results(path)
+    assert sorted((r["context_length"], r["mod"]) for r in results["quality"]["perplexity"]) == [(64, 6.0), (128, 5.0)]
+    assert results["commands"] == ["cmd1", "cmd2"] and results["efficiency"]["executed_fraction"] == 0.8
+    data = json.loads(path.read_text())
+    data["training"] = {"recipe": "r"}
+    path.write_text(json.dumps(data))
+    model.config.router_threshold = 0.6
+    results = update_results(path, model.config, "m", None, "cmd3", efficiency={"kv_ratio": 0.7})
+    assert results["quality"] == {} and results["commands"] == ["cmd3"]
+    assert results["training"] == {"recipe": "r"} and results["routing"]["router_threshold"] == 0.6
+
+
+def test_show_routing_writes_map_html_and_bars(tmp_path, capsys):
+    ck = _routed_checkpoint(tmp_path / "mod")
+    words = [f"w{i}" for i in range(3, 43)]
+    text = " ".join(words[:20]) + " <b>&\n" + " ".join(words[20:])
+    out = tmp_path / "routing"
+    assert cli(["show-routing", "--model", str(ck), "--text", text, "--out", str(out)]) == 0
+    for name in ("routing.png", "executed_fraction.png"):
+        _png_ok(out / name)
+    page = (out / "routing.html").read_text()
+    data = json.loads((out / "routing.json").read_text())
+    assert len(data["tokens"]) == 41 and len(data["gates"]) == 4  # 40 words and "<b>&" (unknown: one token)
+    assert page.count('class="tok"') == len(data["tokens"])
+    assert "&lt;b&gt;&amp;" in page and " src=" not in page and "href=" not in page  # escaped, self-contained
+    # Gates come from the model's own router logits; decisions are gate >= p.
+    model = routed_model("llama")
+    ids = tiny_tokenizer()(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out_ = model(ids, output_router_decisions=True)
+    for layer, (gates, ran) in enumerate(zip(data["gates"], data["ran"])):
+        assert ran == out_.router_decisions[layer][0].int().tolist()
+        if out_.router_logits[layer] is None:
+            assert gates == [None] * len(ran)
+        else:
+            assert gates == pytest.approx(torch.sigmoid(out_.router_logits[layer][0]).tolist(), abs=1e-4)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "--data", "{tmp}/missing.txt"], "does not exist"),
+        (["eval", "--data", "{tmp}/empty.txt"], "holds no text"),
+        (["eval", "--data", "{tmp}/bad.jsonl"], "has no field 'text'"),
+        (["eval"], "nothing to evaluate"),
+        (["eval", "--tasks", "hellaswagg"], "unknown lm-eval task 'hellaswagg'; did you mean hellaswag"),
+        (["eval", "--tasks", "x", "--tasks-path", "{tmp}/nowhere"], "no task folder or file"),
+        (["show-routing", "--text", "   "], "the text is empty"),
+        (["show-routing", "--text-file", "{tmp}/missing.txt"], "no text file"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "w1 w2"}) + "\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    # The model folder does not exist either: the data error must come first, before any model is loaded.
+    assert cli([argv[0], "--model", str(tmp_path / "no-model"), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"modification {argv[0]}: error:" in err and message in err
+
+
+def test_optional_result_fields_are_validated():
+    from modification.conversion.results import validate_results
+
+    good = {"schema_version": 1, "model": {"name_or_path": "m"}, "routing": {
+        "router_kind": "threshold", "gate_mode": "exact", "routed_layers": [1], "router_threshold": 0.5},
+        "quality": {"perplexity": [{"dataset": "a", "context_length": 8, "mod": 2.0, "base": None, "stride": 4}]},
+        "efficiency": {"per_layer_routed_fraction": [1.0, 0.5], "kv_ratio": None,
+                       "decode": [{"batch_size": 1, "throughput_ratio": 1.2, "ideal_throughput_ratio": None}]}}
+    validate_results(good)
+    for section, key, bad in [("quality", "perplexity", {"stride": "4"}), ("efficiency", "decode", {"new_tokens": 1.5})]:
+        broken = json.loads(json.dumps(good))
+        broken[section][key][0].update(bad)
+        with pytest.raises(ValueError, match=f"{section}.{key}\\[0\\].{next(iter(bad))}"):
+            validate_results(broken)
+    broken = json.loads(json.dumps(good))
+    broken["efficiency"]["per_layer_routed_fraction"] = [1.2]
+    with pytest.raises(ValueError, match="per_layer_routed_fraction"):
+        validate_results(broken)
