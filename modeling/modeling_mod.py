@@ -151,6 +151,31 @@ def packed_causal_attention(
     return _sdpa_packed_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scaling)
 
 
+def decode_attention(
+    query: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    new_lens: list[int],
+    scaling: float,
+) -> torch.Tensor:
+    """Attention of one new token per sequence (those with `new_lens[b] == 1`) over that sequence's cached K/V.
+
+    `query` is `[n, heads, dim]` for the sequences with a new token, in order; `keys[b]`/`values[b]` are
+    `[tokens_b, kv_heads, dim]` and already hold the new token. The newest token sees every cached one, so no mask.
+    """
+    outputs = []
+    j = 0
+    for b, n in enumerate(new_lens):
+        if not n:
+            continue
+        q = query[j : j + 1].transpose(0, 1).unsqueeze(0)  # [1, heads, 1, dim]
+        k, v = keys[b].transpose(0, 1).unsqueeze(0), values[b].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        outputs.append(out[0].transpose(0, 1))
+        j += 1
+    return torch.cat(outputs)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Ragged KV cache
 # --------------------------------------------------------------------------------------------------------------------
@@ -161,9 +186,9 @@ def _cumsum0(lengths: torch.Tensor) -> torch.Tensor:
 
 
 class MoDCacheLayer(CacheLayerMixin):
-    """One layer's K/V for the routed tokens of each sequence, packed: `keys` is `[total, kv_heads, head_dim]`, with
-    sequence `b` owning rows `cu[b]:cu[b + 1]` where `cu` is the cumulative sum of `seq_lens`. `steps` records the
-    input column each cached token came from, so the cache can be cropped back to an earlier length."""
+    """One layer's K/V: for each sequence, a `[tokens, kv_heads, head_dim]` tensor holding only the tokens that ran
+    this layer, so memory is exactly what the routed tokens need. `steps` records the input column each cached token
+    came from, so the cache can be cropped back to an earlier length."""
 
     is_compileable = False
     is_sliding = False
@@ -171,52 +196,45 @@ class MoDCacheLayer(CacheLayerMixin):
 
     def __init__(self):
         super().__init__()
-        self.seq_lens: torch.Tensor | None = None
-        self.steps: torch.Tensor | None = None
+        self.keys: list[torch.Tensor] | None = None
+        self.values: list[torch.Tensor] | None = None
+        self.steps: list[torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError("MoDCacheLayer stores ragged K/V: use `update_packed`")
+        raise NotImplementedError("MoDCacheLayer stores ragged K/V: use `append`")
 
-    def update_packed(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, new_lens: torch.Tensor, new_steps: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Append each sequence's new routed K/V (packed, `new_lens[b]` rows for sequence `b`) after its cached ones.
-        Returns all keys, values, their `cu_seqlens` and the longest sequence length."""
+    def append(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, seq_lens: list[int], steps: torch.Tensor
+    ) -> None:
+        """Append each sequence's new routed K/V (packed: `seq_lens[b]` rows for sequence `b`) after its cached ones."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        new = [t.split(seq_lens) for t in (key_states, value_states, steps)]
         if self.keys is None:
-            self.keys, self.values, self.seq_lens, self.steps = key_states, value_states, new_lens, new_steps
-        elif new_lens.numel() == 1:
-            self.keys = torch.cat([self.keys, key_states])
-            self.values = torch.cat([self.values, value_states])
-            self.steps = torch.cat([self.steps, new_steps])
-            self.seq_lens = self.seq_lens + new_lens
-        else:
-            total = self.seq_lens + new_lens
-            cu_total = _cumsum0(total)
-            seqs = torch.arange(total.numel(), device=total.device)
-            old_seq = torch.repeat_interleave(seqs, self.seq_lens)
-            new_seq = torch.repeat_interleave(seqs, new_lens)
-            old_dest = torch.arange(old_seq.numel(), device=total.device) - _cumsum0(self.seq_lens)[old_seq]
-            old_dest += cu_total[old_seq]
-            new_dest = torch.arange(new_seq.numel(), device=total.device) - _cumsum0(new_lens)[new_seq]
-            new_dest += cu_total[new_seq] + self.seq_lens[new_seq]
-            merged = []
-            for old, new in ((self.keys, key_states), (self.values, value_states), (self.steps, new_steps)):
-                out = old.new_empty((old.shape[0] + new.shape[0], *old.shape[1:]))
-                out[old_dest] = old
-                out[new_dest] = new
-                merged.append(out)
-            self.keys, self.values, self.steps = merged
-            self.seq_lens = total
-        return self.keys, self.values, _cumsum0(self.seq_lens), int(self.seq_lens.max())
+            # Own copies per sequence (not views of the packed batch), so each one can be freed on its own.
+            own = (lambda t: t) if len(seq_lens) == 1 else (lambda t: t.clone())
+            self.keys, self.values, self.steps = ([own(t) for t in parts] for parts in new)
+            return
+        for b, n in enumerate(seq_lens):
+            if n:
+                self.keys[b] = torch.cat([self.keys[b], new[0][b]])
+                self.values[b] = torch.cat([self.values[b], new[1][b]])
+                self.steps[b] = torch.cat([self.steps[b], new[2][b]])
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """All sequences' K/V packed one after the other, their `cu_seqlens` and the longest length."""
+        lens = torch.tensor([k.shape[0] for k in self.keys], device=self.keys[0].device)
+        return torch.cat(self.keys), torch.cat(self.values), _cumsum0(lens), int(lens.max())
+
+    def seq_lens(self) -> list[int]:
+        return [] if self.keys is None else [k.shape[0] for k in self.keys]
 
     def get_seq_length(self) -> int:
-        return 0 if self.seq_lens is None else int(self.seq_lens.max())
+        return max(self.seq_lens(), default=0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -225,26 +243,22 @@ class MoDCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.seq_lens = self.steps = None
+        self.keys = self.values = self.steps = None
         self.is_initialized = False
 
     def select_sequences(self, indices: torch.Tensor) -> None:
         """Keep the sequences `indices` (in that order; repeats allowed): beam reordering, expansion, selection."""
-        if self.keys is None:
-            return
-        indices = indices.to(self.seq_lens.device)
-        lens = self.seq_lens[indices]
-        seq = torch.repeat_interleave(torch.arange(indices.numel(), device=lens.device), lens)
-        rows = torch.arange(seq.numel(), device=lens.device) - _cumsum0(lens)[seq] + _cumsum0(self.seq_lens)[indices][seq]
-        self.keys, self.values, self.steps = self.keys[rows], self.values[rows], self.steps[rows]
-        self.seq_lens = lens
+        if self.keys is not None:
+            order = indices.tolist()
+            self.keys, self.values, self.steps = ([parts[i] for i in order] for parts in
+                                                  (self.keys, self.values, self.steps))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_sequences(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.seq_lens is not None:
-            self.select_sequences(torch.arange(self.seq_lens.numel()).repeat_interleave(repeats))
+        if self.keys is not None:
+            self.select_sequences(torch.arange(len(self.keys)).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.select_sequences(indices)
@@ -253,10 +267,9 @@ class MoDCacheLayer(CacheLayerMixin):
         """Drop every cached token that came from input column `num_steps` or later."""
         if self.keys is None:
             return
-        keep = self.steps < num_steps
-        seq = torch.repeat_interleave(torch.arange(self.seq_lens.numel(), device=keep.device), self.seq_lens)
-        self.seq_lens = torch.zeros_like(self.seq_lens).index_add_(0, seq, keep.long())
-        self.keys, self.values, self.steps = self.keys[keep], self.values[keep], self.steps[keep]
+        keep = [s < num_steps for s in self.steps]
+        self.keys, self.values, self.steps = ([t[k] for t, k in zip(parts, keep)] for parts in
+                                              (self.keys, self.values, self.steps))
 
     def crop(self, tokens_to_remove: int) -> None:  # the container crops by step, see MoDCache.crop
         raise NotImplementedError("crop a MoDCache through MoDCache.crop")
@@ -264,7 +277,7 @@ class MoDCacheLayer(CacheLayerMixin):
     def kv_bytes(self) -> int:
         if self.keys is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return sum(t.numel() * t.element_size() for parts in (self.keys, self.values) for t in parts)
 
 
 class MoDCache(Cache):
@@ -284,11 +297,8 @@ class MoDCache(Cache):
         super().__init__(layers=[MoDCacheLayer() for _ in range(num_layers)])
         self.seen_tokens = 0
 
-    def update_packed(self, key_states, value_states, layer_idx, new_lens, new_steps):
-        return self.layers[layer_idx].update_packed(key_states, value_states, new_lens, new_steps)
-
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        raise NotImplementedError("MoDCache stores ragged K/V: use `update_packed`")
+        raise NotImplementedError("MoDCache stores ragged K/V: use `layers[i].append`")
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -315,12 +325,12 @@ class MoDCache(Cache):
 
     def cached_tokens(self) -> list[int]:
         """Total cached tokens (over sequences) per layer."""
-        return [0 if layer.seq_lens is None else int(layer.seq_lens.sum()) for layer in self.layers]
+        return [sum(layer.seq_lens()) for layer in self.layers]
 
     @property
     def batch_size(self) -> int:
-        lens = [layer.seq_lens for layer in self.layers if layer.seq_lens is not None]
-        return -1 if not lens else lens[0].numel()
+        sizes = [len(layer.keys) for layer in self.layers if layer.keys is not None]
+        return -1 if not sizes else sizes[0]
 
     @property
     def is_initialized(self) -> bool:
@@ -449,7 +459,7 @@ class PackedBatch:
     per-sequence counts and offsets, and each token's RoPE cos/sin and input column."""
 
     index: torch.Tensor | None
-    seq_lens: torch.Tensor
+    seq_lens_list: list[int]
     cu_seqlens: torch.Tensor
     max_seqlen: int
     cos: torch.Tensor
@@ -486,17 +496,29 @@ class MoDAttention(nn.Module):
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = apply_rotary_pos_emb(query, key, packed.cos, packed.sin)
 
-        cu_seqlens_k, max_seqlen_k = packed.cu_seqlens, packed.max_seqlen
-        if cache is not None:
-            key, value, cu_seqlens_k, max_seqlen_k = cache.update_packed(
-                key, value, self.layer_idx, packed.seq_lens, packed.steps
-            )
-        attn_output = packed_causal_attention(
+        if cache is None or cache.layers[self.layer_idx].keys is None:
+            # No earlier tokens: attend among this call's routed tokens.
+            if cache is not None:
+                cache.layers[self.layer_idx].append(key, value, packed.seq_lens_list, packed.steps)
+            attn_output = self._packed_attention(query, key, value, packed.cu_seqlens, packed.max_seqlen, packed)
+        else:
+            layer_cache = cache.layers[self.layer_idx]
+            layer_cache.append(key, value, packed.seq_lens_list, packed.steps)
+            if packed.max_seqlen == 1:
+                # Decoding: each sequence has at most one new token; attend to its own cached tokens directly.
+                attn_output = decode_attention(query, layer_cache.keys, layer_cache.values, packed.seq_lens_list,
+                                               self.scaling)
+            else:
+                key, value, cu_seqlens_k, max_seqlen_k = layer_cache.packed()
+                attn_output = self._packed_attention(query, key, value, cu_seqlens_k, max_seqlen_k, packed)
+        return self.o_proj(attn_output.reshape(n, -1))
+
+    def _packed_attention(self, query, key, value, cu_seqlens_k, max_seqlen_k, packed: "PackedBatch"):
+        return packed_causal_attention(
             query, key, value, packed.cu_seqlens, cu_seqlens_k, packed.max_seqlen, max_seqlen_k, self.scaling,
             attn_implementation=self.config._attn_implementation,
             dropout=self.attention_dropout if self.training else 0.0,
         )
-        return self.o_proj(attn_output.reshape(n, -1))
 
 
 class MoDRouter(nn.Module):
@@ -607,8 +629,9 @@ class MoDDecoderLayer(GradientCheckpointingLayer):
         steps = past_length + (
             torch.arange(batch * seq, device=flat.device) if index is None else index
         ) % seq
+        seq_lens_list = seq_lens.tolist()
         packed = PackedBatch(
-            index=index, seq_lens=seq_lens, cu_seqlens=_cumsum0(seq_lens), max_seqlen=int(seq_lens.max()),
+            index=index, seq_lens_list=seq_lens_list, cu_seqlens=_cumsum0(seq_lens), max_seqlen=max(seq_lens_list),
             cos=tok_cos, sin=tok_sin, steps=steps.to(torch.int32),
         )
 
