@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modification.conversion.calibrate import calibrate_checkpoint
+from modification.conversion.calibrate import calibrate_checkpoint, calibrate_thresholds
 from modification.conversion.convert import convert_checkpoint
-from modification.conversion.corpus import CORPUS_DESCRIPTION, corpus_files
+from modification.conversion.corpus import CORPUS_DESCRIPTION, corpus_files, corpus_splits
+from modification.conversion.data import load_blocks
 from modification.conversion.demo import DemoBaseSettings, pretrain_base
 from modification.conversion.evaluation import evaluate_perplexity, tokenize_texts
 from modification.conversion.train import TrainSettings, train
@@ -51,6 +52,12 @@ def _variants(target: float, routed_fraction: float) -> dict[str, dict]:
             "convert": {"router_kind": "topk", "gate_mode": "scale", "topk_capacity": routed_fraction},
             "calibrate": False},
     }
+
+
+def calibration_batches(tokenizer, data: list[str], seq_len: int, blocks: int = 64) -> list[dict]:
+    """The blocks `modification calibrate` uses by default: the first `blocks` of the training text."""
+    packed = torch.cat(load_blocks(data, tokenizer, seq_len, progress=False))[:blocks]
+    return [{"input_ids": b[None]} for b in packed]
 
 
 def perplexity(model, base, stream, context: int) -> dict:
@@ -73,12 +80,13 @@ def main() -> None:
     parser.add_argument("--work-dir", default="outputs/topk_vs_threshold")
     parser.add_argument("--out", default="docs", help="folder for results.md, results.json, bistability.png")
     args = parser.parse_args()
-    command = "python benchmarks/topk_vs_threshold.py " + shlex.join(sys.argv[1:])
+    command = " ".join(["python benchmarks/topk_vs_threshold.py", shlex.join(sys.argv[1:])]).strip()
     start = time.perf_counter()
 
     base_dir = pretrain_base(DemoBaseSettings())
-    train_files, held_out = corpus_files()
-    data = [str(f) for f in train_files]
+    train_dir, _ = corpus_splits()
+    _, held_out = corpus_files()
+    data = [str(train_dir)]
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -103,7 +111,7 @@ def main() -> None:
         final = trained
         if spec["calibrate"]:
             calibrate_checkpoint(str(trained), args.target, data, out=str(folder / "calibrated"),
-                                 seq_len=args.seq_len, max_blocks=64, progress=False)
+                                 seq_len=args.seq_len, max_blocks=64, held_out_fraction=0.0, progress=False)
             final = folder / "calibrated"
         model = MoDForCausalLM.from_pretrained(final).eval()
         result = perplexity(model, base, stream, args.context)
@@ -117,6 +125,13 @@ def main() -> None:
             rows.append({"variant": name, "evaluation": "causal rule sigmoid >= 0.5 (as generated)",
                          "perplexity": causal["mod"], "executed_fraction": causal["executed_fraction"],
                          "base_perplexity": causal["base"]})
+            # the same causal rule with its threshold calibrated to the budget: matched compute as generated
+            calib = calibration_batches(tokenizer, data, args.seq_len)
+            calibrate_thresholds(model, calib, args.target, progress=False)
+            matched = perplexity(model, base, stream, args.context)
+            rows.append({"variant": name, "evaluation": "causal rule, threshold calibrated to the budget",
+                         "perplexity": matched["mod"], "executed_fraction": matched["executed_fraction"],
+                         "base_perplexity": matched["base"]})
         print(json.dumps(rows[-1]), flush=True)
 
     # Bistability of the layer-load objective (routers only, the paper's form, then the target form).
@@ -171,7 +186,7 @@ def _markdown(record: dict, args) -> str:
         "",
         f"Produced by `{record['command']}` ({record['seconds']} s on this machine).",
         "",
-        f"Base: the demo base model ({record['base']}), trained on {record['corpus']}. Held-out text: works never "
+        f"Base: the demo base model (`{Path(record['base']).name}` in the demo cache), trained on {record['corpus']}. Held-out text: works never "
         f"seen in training; perplexity at context {args.context} over {args.eval_tokens} tokens (sliding window). "
         f"Every variant: recipe `{args.recipe}`, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, "
         f"router lr {args.router_lr}, same data; target executed fraction {args.target} (every other layer routed).",

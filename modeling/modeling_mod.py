@@ -464,7 +464,7 @@ class PackedBatch:
     max_seqlen: int
     cos: torch.Tensor
     sin: torch.Tensor
-    steps: torch.Tensor
+    steps: torch.Tensor | None
 
 
 class MoDAttention(nn.Module):
@@ -626,13 +626,13 @@ class MoDDecoderLayer(GradientCheckpointingLayer):
                 return hidden_states, routing
             x = flat[index]
             tok_cos, tok_sin = cos.reshape(batch * seq, -1)[index], sin.reshape(batch * seq, -1)[index]
-        steps = past_length + (
-            torch.arange(batch * seq, device=flat.device) if index is None else index
-        ) % seq
+        steps = None
+        if cache is not None:  # input column of each routed token, kept by the cache so that it can be cropped
+            steps = past_length + (torch.arange(batch * seq, device=flat.device) if index is None else index) % seq
         seq_lens_list = seq_lens.tolist()
         packed = PackedBatch(
             index=index, seq_lens_list=seq_lens_list, cu_seqlens=_cumsum0(seq_lens), max_seqlen=max(seq_lens_list),
-            cos=tok_cos, sin=tok_sin, steps=steps.to(torch.int32),
+            cos=tok_cos, sin=tok_sin, steps=steps,
         )
 
         gate = None
