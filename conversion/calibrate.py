@@ -162,7 +162,7 @@ def calibrate_checkpoint(
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     blocks = load_blocks(data, tokenizer, seq_len, text_field=text_field, split=split, dataset_config=data_config,
-                         progress=progress)
+                         max_tokens_per_source=max_blocks * seq_len, progress=progress)
     blocks = torch.cat(blocks)[:max_blocks]
     calib, held_out = split_blocks([blocks], held_out_fraction)
     model, _ = load_mod_model(str(folder))

@@ -96,15 +96,21 @@ def read_documents(
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(source, dataset_config, split=split)
+        # Streamed: a large Hub corpus is read only as far as the tokens asked for (`max_tokens`), not downloaded.
+        dataset = load_dataset(source, dataset_config, split=split, streaming=True)
+        records = iter(dataset)
+        first = next(records, None)
     except Exception as err:  # datasets raises many types for unknown names / no network
         raise DataError(
             f"data source {source!r} is neither a local file/folder nor a loadable dataset "
             f"(datasets.load_dataset failed: {type(err).__name__}: {err})"
         ) from err
-    if text_field not in dataset.column_names:
-        raise DataError(f"dataset {source!r} has no column {text_field!r}; columns: {dataset.column_names}")
-    for record in dataset:
+    if first is None:
+        return
+    if text_field not in first:
+        raise DataError(f"dataset {source!r} has no column {text_field!r}; columns: {sorted(first)}")
+    yield str(first[text_field])
+    for record in records:
         yield str(record[text_field])
 
 

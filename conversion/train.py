@@ -151,6 +151,12 @@ def _prepare_model(model: MoDForCausalLM, settings: TrainSettings):
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing under the name this transformers version uses."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def default_checkpoint_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.with_name(out.name + "-checkpoints")
@@ -206,7 +212,7 @@ def train(
         model.config.load_loss_target = routed_fraction_for_target(model, settings.target_executed_fraction)
     model.config.validate_routing()
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     # peft still asks transformers for the deprecated `is_gradient_checkpointing`; the warning is not the user's to fix.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     trainable = _prepare_model(model, settings)

@@ -5,6 +5,7 @@ import torch
 from helpers import ARCHS, VOCAB, left_padded_batch, reference_forward, routed_model, tiny_base
 
 from modification.conversion.convert import convert_model
+from modification.conversion.train import enable_checkpointing
 from modification.modeling import MoDConfig, MoDForCausalLM
 from modification.modeling.modeling_mod import packed_causal_attention, select_attention_backend
 
@@ -99,7 +100,7 @@ def test_gradient_checkpointing_matches():
     model(ids, labels=ids).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     model(ids, labels=ids).loss.backward()
     for name, grad in grads.items():
         assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
