@@ -704,7 +704,7 @@ class MoDModel(MoDPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if cache is None and past_key_values is not None:
             cache = past_key_values
-        if output_attentions := kwargs.pop("output_attentions", False):
+        if kwargs.pop("output_attentions", False):
             raise ValueError("MoD models use packed attention kernels and cannot return attention weights")
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -809,6 +809,7 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_router_decisions=output_router_decisions,
+            output_attentions=kwargs.pop("output_attentions", False),
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):

@@ -156,6 +156,12 @@ def test_bad_routing_config_names_the_field(field, value, match):
         MoDConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, **{field: value})
 
 
+def test_attention_weights_are_refused_clearly():
+    model = routed_model("llama")
+    with pytest.raises(ValueError, match="cannot return attention weights"):
+        model(torch.randint(3, VOCAB, (1, 8)), output_attentions=True)
+
+
 def test_per_layer_thresholds():
     config = MoDConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, router_threshold=[0.3, 0.7])
     assert config.threshold_for_layer(1) == 0.3 and config.threshold_for_layer(3) == 0.7
