@@ -354,10 +354,10 @@ def cmd_bench(args) -> dict:
 
     from .evaluation import (
         command_line, data_label, default_output_dir, load_models, load_tokenizer, pick_device, pick_dtype,
-        tokenize_texts, update_results,
+        tokenize_texts,
     )
     from .plots import plot_bench
-    from .results import RESULTS_FILENAME
+    from .results import RESULTS_FILENAME, update_results
 
     if not args.lengths:
         raise ValueError("--lengths needs at least one context length")

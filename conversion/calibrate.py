@@ -149,7 +149,7 @@ def calibrate_checkpoint(
 
     from .checkpoint import atomic_output_dir, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
     from .data import load_blocks, split_blocks
-    from .train import write_results
+    from .results import RESULTS_FILENAME, update_results
 
     folder = resolve_checkpoint(model_path)
     config = read_mod_config(folder)
@@ -175,13 +175,15 @@ def calibrate_checkpoint(
     record["data"] = list(data)
     model.config.calibration = record
     with atomic_output_dir(dest, overwrite=True) as tmp:
-        save_checkpoint(model, tmp, tokenizer=tokenizer)
-        for extra in ("results.json", "training_log.json", "README.md"):
+        save_checkpoint(model, tmp, companions_from=folder)
+        # not README.md: a model card shows numbers measured under the old thresholds
+        for extra in ("results.json", "training_log.json"):
             if (folder / extra).is_file():
                 (tmp / extra).write_bytes((folder / extra).read_bytes())
         if (folder / "adapter").is_dir():
             import shutil
 
             shutil.copytree(folder / "adapter", tmp / "adapter")
-        write_results(tmp, model.config, drop_measurements=True)
+        # new thresholds: update_results drops quality and efficiency measured under the old ones, keeps training
+        update_results(tmp / RESULTS_FILENAME, model.config, str(dest))
     return record

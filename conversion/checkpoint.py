@@ -26,6 +26,15 @@ AUTO_MAP = {
 }
 
 
+# Files that travel with the weights byte for byte (re-serialising a tokenizer can change it): the tokenizer, and the
+# licence files some base licences (Llama's) require to ship with derivatives.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md", "NOTICE", "NOTICE.txt")
+
+
 class CheckpointError(ValueError):
     """A folder or Hub repo that is not a usable MoD checkpoint."""
 
@@ -83,12 +92,25 @@ def write_code_files(folder: str | os.PathLike) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_checkpoint(model: MoDForCausalLM, folder: str | os.PathLike, tokenizer=None) -> None:
-    """Save weights (safetensors), config with `auto_map`, the modeling files and the tokenizer into `folder`."""
+def copy_companion_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer and licence files of folder `source` into `dest` byte for byte; returns their names."""
+    source, dest = Path(source), Path(dest)
+    copied = []
+    for name in TOKENIZER_FILES + LICENSE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def save_checkpoint(
+    model: MoDForCausalLM, folder: str | os.PathLike, companions_from: str | os.PathLike | None = None
+) -> list[str]:
+    """Save weights (safetensors), config with `auto_map` and the modeling files into `folder`, plus the tokenizer and
+    licence files of the folder `companions_from` (the model this one was made from); returns the names copied."""
     model.save_pretrained(folder)
     write_code_files(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    return copy_companion_files(companions_from, folder) if companions_from is not None else []
 
 
 def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:

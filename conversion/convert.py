@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from modification.modeling import MoDConfig, MoDForCausalLM
 from modification.modeling.configuration_mod import SUPPORTED_BASE_MODEL_TYPES
 
-from .checkpoint import atomic_output_dir, save_checkpoint
+from .checkpoint import LICENSE_FILES, TOKENIZER_FILES, atomic_output_dir, save_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -26,12 +25,6 @@ _COMMON_FIELDS = (
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
 )
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
-# Licence files travel with the weights: some base licences (Llama's) require shipping them with derivatives.
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md", "NOTICE", "NOTICE.txt")
 ROUTING_FIELDS = (
     "router_kind", "routed_layers", "router_threshold", "topk_capacity", "gate_mode", "router_init_bias",
     "load_loss_coef", "load_loss_target", "topk_aux_loss_coef",
@@ -126,23 +119,11 @@ def convert_checkpoint(
     )
     model = convert_model(base_model, **routing)
     model.config.base_model_name_or_path = base
+    source = Path(base)
+    if not source.is_dir():  # the base's tokenizer and licence files, from the Hub (cache)
+        source = Path(snapshot_download(base, revision=revision, allow_patterns=list(TOKENIZER_FILES + LICENSE_FILES)))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        save_checkpoint(model, tmp)
-        copied = copy_base_files(base, tmp, revision=revision)
+        copied = save_checkpoint(model, tmp, companions_from=source)
         if not set(copied) & set(TOKENIZER_FILES):
             logger.warning("%s has no tokenizer files; the MoD checkpoint has none either", base)
     return out
-
-
-def copy_base_files(base: str, dest: Path, revision: str | None = None) -> list[str]:
-    """Copy the base's tokenizer and licence files byte for byte (no re-serialisation that could change them)."""
-    names = TOKENIZER_FILES + LICENSE_FILES
-    source = Path(base)
-    if not source.is_dir():
-        source = Path(snapshot_download(base, revision=revision, allow_patterns=list(names)))
-    copied = []
-    for name in names:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, dest / name)
-            copied.append(name)
-    return copied

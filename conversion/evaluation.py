@@ -15,7 +15,6 @@ with `evaluate.save` next to it (`eval_records/`), and a bar chart of the per-la
 from __future__ import annotations
 
 import argparse
-import datetime
 import difflib
 import json
 import logging
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_mod_model
 from .data import add_data_arguments, load_texts, tokenize_stream
-from .results import RESULTS_FILENAME, SCHEMA_VERSION, routing_section, validate_results
+from .results import RESULTS_FILENAME, update_results
 
 
 logger = logging.getLogger(__name__)
@@ -147,63 +146,6 @@ def command_line(args: argparse.Namespace) -> str:
     if argv is None:
         return f"modification {args.command}"
     return "modification " + shlex.join(argv)
-
-
-def update_results(
-    path: Path,
-    config,
-    model_name: str,
-    base_name: str | None,
-    command: str,
-    quality: dict | None = None,
-    efficiency: dict | None = None,
-    extra: dict | None = None,
-) -> dict:
-    """Merge new measurements into the results JSON at `path` (created if missing) and write it back.
-
-    Perplexity rows replace earlier rows for the same (dataset, context_length), task rows those for the same
-    (task, metric); efficiency keys are overwritten. If the checkpoint's routing changed since the file was written,
-    its old numbers describe another model: they are dropped (the `training` section is kept).
-    """
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    routing = routing_section(config)
-    results = None
-    if path.is_file():
-        try:
-            results = validate_results(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); move it away or fix it") from err
-        if json.loads(json.dumps(results["routing"])) != json.loads(json.dumps(routing)):
-            logger.warning("the routing in %s differs from the checkpoint's: starting fresh results", path)
-            results = {"training": results.get("training"), "created": now}
-    if results is None or "schema_version" not in results:
-        results = {"schema_version": SCHEMA_VERSION, "training": None, "created": now,
-                   **({} if results is None else results)}
-    results["schema_version"] = SCHEMA_VERSION
-    results["model"] = {
-        "name_or_path": model_name,
-        "base_model": config.base_model_name_or_path or base_name,  # the Hub id where known, not a local copy
-        "base_model_type": config.base_model_type,
-    }
-    results["routing"] = routing
-    results.setdefault("quality", {})
-    results.setdefault("efficiency", {})
-    results.setdefault("commands", [])
-    results["updated"] = now
-    for key, rows in (quality or {}).items():
-        keys = ("dataset", "context_length") if key == "perplexity" else ("task", "metric")
-        new = {tuple(r[k] for k in keys) for r in rows}
-        kept = [r for r in results["quality"].get(key, []) if tuple(r.get(k) for k in keys) not in new]
-        results["quality"][key] = kept + list(rows)
-    results["efficiency"].update(efficiency or {})
-    results.update(extra or {})
-    results["commands"].append(command)
-    validate_results(results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
-    return results
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from modification.modeling import MoDForCausalLM
 from .calibrate import routed_fraction_for_target
 from .checkpoint import atomic_output_dir, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
 from .data import DataError, PackedBlocks, load_blocks, mix_blocks, split_blocks
-from .results import RESULTS_FILENAME, SCHEMA_VERSION, routing_section, validate_results
+from .results import RESULTS_FILENAME, update_results
 
 
 logger = logging.getLogger(__name__)
@@ -266,13 +266,13 @@ def train(
                     trainable.save_pretrained(tmp / "adapter")
                 final = trainable.merge_and_unload()
             final.config.calibration = None  # thresholds measured before training no longer hold
-            save_checkpoint(final, tmp, tokenizer=tokenizer)
+            save_checkpoint(final, tmp, companions_from=folder)
             record = training_record(settings, model_path, trainer, result)
             if resume:
                 start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
                 record.update(resumed_from=str(last), steps_this_run=result.global_step - start)
             (tmp / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
-            write_results(tmp, final.config, training=record)
+            update_results(tmp / RESULTS_FILENAME, final.config, str(out), extra={"training": record})
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -292,25 +292,3 @@ def training_record(settings: TrainSettings, model_path: str, trainer: Trainer, 
         final_train_loss=round(float(result.training_loss), 5) if not math.isnan(result.training_loss) else None,
     )
     return record
-
-
-def write_results(folder: Path, config, training: dict | None = None, drop_measurements: bool = False) -> None:
-    """Create or update `folder/results.json` with the model, routing and (optionally) training sections.
-
-    `drop_measurements` removes quality and efficiency numbers, which no longer describe a model whose routing
-    changed (after calibration, say)."""
-    path = folder / RESULTS_FILENAME
-    results = json.loads(path.read_text()) if path.exists() else {"schema_version": SCHEMA_VERSION}
-    if drop_measurements:
-        for key in ("quality", "efficiency", "commands"):
-            results.pop(key, None)
-    results["model"] = {
-        "name_or_path": str(folder.name),
-        "base_model": config.base_model_name_or_path,
-        "base_model_type": config.base_model_type,
-    }
-    results["routing"] = routing_section(config)
-    if training is not None:
-        results["training"] = training
-    results.setdefault("training", None)
-    path.write_text(json.dumps(validate_results(results), indent=2) + "\n")

@@ -22,12 +22,12 @@ from modification.conversion.checkpoint import (
     AUTO_MAP,
     CODE_FILES,
     MODELING_DIR,
+    TOKENIZER_FILES,
     CheckpointError,
     read_mod_config,
     resolve_checkpoint,
     stale_code_files,
 )
-from modification.conversion.convert import TOKENIZER_FILES
 from modification.conversion.results import RESULTS_FILENAME
 from modification.model_cards.card import CARD_FILENAME, HUB_ID, card_problems, render_card
 

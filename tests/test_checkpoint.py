@@ -135,7 +135,7 @@ def test_failure_during_write_leaves_no_partial_folder(tmp_path, monkeypatch):
 
     base_dir = save_base("llama", tmp_path / "base")
 
-    def broken_save(model, folder, tokenizer=None):
+    def broken_save(model, folder, companions_from=None):
         (Path(folder) / "config.json").write_text("{}")
         raise OSError("disk full")
 

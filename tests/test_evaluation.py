@@ -11,7 +11,8 @@ from helpers import VOCAB, reference_forward, routed_model, save_base, tiny_base
 
 from modification.conversion.checkpoint import save_checkpoint
 from modification.conversion.cli import main as cli
-from modification.conversion.evaluation import load_metric, sliding_windows, tokenize_texts, update_results
+from modification.conversion.evaluation import load_metric, sliding_windows, tokenize_texts
+from modification.conversion.results import update_results
 from modification.conversion.results import load_results
 
 
@@ -27,7 +28,8 @@ def _routed_checkpoint(folder: Path, base_dir: Path | None = None) -> Path:
     model = routed_model("llama")
     if base_dir is not None:
         model.config.base_model_name_or_path = str(base_dir)
-    save_checkpoint(model, folder, tokenizer=tiny_tokenizer())
+    save_checkpoint(model, folder)
+    tiny_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -31,7 +31,11 @@ def _settings(train_file, **kw):
 
 def test_router_recipe_changes_only_routers(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
+    (mod / "LICENSE").write_text("base licence")
     out = train(str(mod), tmp_path / "out", _settings(train_file, recipe="routers", steps=3), progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "LICENSE"):  # travel byte for byte
+        assert (out / name).read_bytes() == (mod / name).read_bytes(), name
+    assert json.loads((out / "results.json").read_text())["model"]["name_or_path"] == str(tmp_path / "out")
     before, after = load_file(mod / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -90,6 +94,9 @@ def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
     with torch.no_grad():
         fraction = model(blocks).routed_fraction.mean().item()
     assert abs(fraction - 0.8) <= 0.02
+    results = json.loads((tmp_path / "cal" / "results.json").read_text())
+    assert results["training"]["recipe"] == "routers"  # kept from training, with the new routing
+    assert results["routing"]["calibration"]["target_executed_fraction"] == 0.8
     saved = json.loads((tmp_path / "cal" / "config.json").read_text())
     assert saved["calibration"]["target_executed_fraction"] == 0.8
     assert isinstance(saved["router_threshold"], list)
