@@ -455,10 +455,9 @@ class MoDMLP(nn.Module):
 
 @dataclass
 class PackedBatch:
-    """Where a layer's routed tokens live: `index` into the flattened `[batch * seq]` input (None: all of them),
-    per-sequence counts and offsets, and each token's RoPE cos/sin and input column."""
+    """A layer's routed tokens, packed: per-sequence counts and offsets, and each token's RoPE cos/sin and input
+    column (kept by the cache)."""
 
-    index: torch.Tensor | None
     seq_lens_list: list[int]
     cu_seqlens: torch.Tensor
     max_seqlen: int
@@ -631,7 +630,7 @@ class MoDDecoderLayer(GradientCheckpointingLayer):
             steps = past_length + (torch.arange(batch * seq, device=flat.device) if index is None else index) % seq
         seq_lens_list = seq_lens.tolist()
         packed = PackedBatch(
-            index=index, seq_lens_list=seq_lens_list, cu_seqlens=_cumsum0(seq_lens), max_seqlen=max(seq_lens_list),
+            seq_lens_list=seq_lens_list, cu_seqlens=_cumsum0(seq_lens), max_seqlen=max(seq_lens_list),
             cos=tok_cos, sin=tok_sin, steps=steps,
         )
 
