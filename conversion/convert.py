@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from modification.modeling import MoDConfig, MoDForCausalLM
 from modification.modeling.configuration_mod import SUPPORTED_BASE_MODEL_TYPES
 
+from .bases import base_hub_id, base_path
 from .checkpoint import LICENSE_FILES, TOKENIZER_FILES, atomic_output_dir, save_checkpoint
 
 
@@ -105,8 +106,11 @@ def convert_checkpoint(
     """Convert a base checkpoint (folder or Hub id) into a MoD checkpoint folder at `out`.
 
     The architecture is checked from the config before any weight is read; the output is written to a temporary
-    folder and renamed into place, so a failure never leaves a half-written `out`.
+    folder and renamed into place, so a failure never leaves a half-written `out`. `base` may also name a base
+    fetched with `modification fetch-base` (`smollm2-135m-instruct`); the checkpoint then records its Hub id.
     """
+    name = base
+    base = base_path(base)  # a fetched known base -> its cached folder; folders and Hub ids unchanged
     base_config = AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=trust_remote_code)
     _check_supported(getattr(base_config, "model_type", None), base)
     mod_config_from_base(base_config, **routing)  # validate routing arguments before loading weights
@@ -118,7 +122,7 @@ def convert_checkpoint(
         base, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
     model = convert_model(base_model, **routing)
-    model.config.base_model_name_or_path = base
+    model.config.base_model_name_or_path = base_hub_id(base) or name  # the Hub id, not a local cache path
     source = Path(base)
     if not source.is_dir():  # the base's tokenizer and licence files, from the Hub (cache)
         source = Path(snapshot_download(base, revision=revision, allow_patterns=list(TOKENIZER_FILES + LICENSE_FILES)))
