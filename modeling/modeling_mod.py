@@ -257,12 +257,9 @@ class MoDCacheLayer(CacheLayerMixin):
             self.values = torch.cat([self.values, value_states])
             self.columns = torch.cat([self.columns, columns])
         else:
-            # Interleave: every sequence's new rows go right after its cached ones.
-            starts = _offsets(merged)[:-1]
-            old_rows = _rows(self.lengths, starts, self.keys.device)
-            new_rows = _rows(lengths, [s + n for s, n in zip(starts, self.lengths)], self.keys.device)
+            # Interleave: every sequence's new rows go right after its cached ones (one copy, as a single cat).
             self.keys, self.values, self.columns = (
-                old.new_empty((sum(merged), *old.shape[1:])).index_copy(0, old_rows, old).index_copy(0, new_rows, new)
+                torch.cat([part for pair in zip(old.split(self.lengths), new.split(lengths)) for part in pair])
                 for old, new in ((self.keys, key_states), (self.values, value_states), (self.columns, columns))
             )
         self.lengths = merged
