@@ -218,16 +218,16 @@ class ModelTesterMixin:
         model(**inputs, labels=labels).loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
-        model.gradient_checkpointing_enable()
-        assert model.is_gradient_checkpointing
+        model.activation_checkpointing_enable()  # transformers 5's name for gradient checkpointing
+        assert model.is_activation_checkpointing
         out = model(**inputs, labels=labels)
         assert out.cache is None  # no cache while checkpointing: a replayed layer would write it twice
         out.loss.backward()
         for name, param in model.named_parameters():
             if name in grads:
                 assert torch.allclose(grads[name], param.grad, atol=1e-6), name
-        model.gradient_checkpointing_disable()
-        assert not model.is_gradient_checkpointing
+        model.activation_checkpointing_disable()
+        assert not model.is_activation_checkpointing
 
     def test_training_gives_every_trainable_parameter_a_gradient(self):
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
