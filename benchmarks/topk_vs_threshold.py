@@ -119,8 +119,9 @@ def main() -> None:
                      "top-k per window (non-causal)", "perplexity": result["mod"],
                      "executed_fraction": result["executed_fraction"], "base_perplexity": result["base"]})
         if spec["convert"]["router_kind"] == "topk":
-            model.config.router_kind = "threshold"  # the MoD paper's causal decode rule: sigmoid(logit) >= 0.5
-            model.config.router_threshold = 0.5
+            # the MoD paper's causal decode rule, sigmoid(logit) >= 0.5, everywhere: the router kind is fixed when the
+            # model is built, so load the trained top-k weights as a threshold model
+            model = MoDForCausalLM.from_pretrained(final, router_kind="threshold", router_threshold=0.5).eval()
             causal = perplexity(model, base, stream, args.context)
             rows.append({"variant": name, "evaluation": "causal rule sigmoid >= 0.5 (as generated)",
                          "perplexity": causal["mod"], "executed_fraction": causal["executed_fraction"],

@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 
 from modification.modeling import MoDForCausalLM
-from modification.modeling.modeling_mod import select_attention_backend
 
 from .calibrate import calibrate_thresholds
 from .data import add_data_arguments, load_texts
@@ -79,9 +78,14 @@ def ideal_prefill_ratio(config, routed_fraction: list[float], seq_len: int) -> f
     return executed / dense
 
 
+def _router_kwargs(model) -> dict:
+    """Ask a MoD model for its per-layer routed fractions (returned only on request); nothing for the base."""
+    return {"output_router_logits": True} if isinstance(model, MoDForCausalLM) else {}
+
+
 def _prefill(model, ids):
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1, **_router_kwargs(model))
 
 
 def _decode(model, cache, last_token, steps: int):
@@ -91,7 +95,7 @@ def _decode(model, cache, last_token, steps: int):
     with torch.no_grad():
         token = last_token
         for _ in range(steps):
-            out = model(input_ids=token, cache=cache, use_cache=True)
+            out = model(input_ids=token, cache=cache, use_cache=True, **_router_kwargs(model))
             token = out.logits[:, -1:].argmax(-1)
             cache = out.cache
             fraction = getattr(out, "routed_fraction", None)
@@ -242,7 +246,7 @@ def run_benchmark(
         "repetitions": repetitions,
         "prompts": "random token ids" if prompt_ids is None else "slices of the given text",
         "peak_memory": "CUDA allocator peak" if device.type == "cuda" else "not measured on CPU",
-        "mod_attention_backend": select_attention_backend(device, dtype, mod_model.config._attn_implementation),
+        "mod_attention_backend": mod_model.config._attn_implementation,
         "base_attn_implementation": base_model.config._attn_implementation,
     }
     return result

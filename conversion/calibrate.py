@@ -46,9 +46,8 @@ def _collect(model: MoDForCausalLM, batches: Sequence[dict]) -> tuple[list[torch
         n = int(valid.sum())
         routed += out.routed_fraction.double().cpu() * n
         total += n
-        for i, layer_logits in enumerate(out.router_logits):
-            if layer_logits is not None:
-                logits[i].append(layer_logits[valid.to(layer_logits.device)].float().cpu())
+        for i, layer_logits in zip(model.config.routed_layers, out.router_logits):  # one per routed layer
+            logits[i].append(layer_logits[valid.to(layer_logits.device)].float().cpu())
     return [torch.cat(x) if x else torch.empty(0) for x in logits], routed / max(total, 1)
 
 
@@ -115,7 +114,7 @@ def calibrate_thresholds(
                 hi = mid
         model.config.router_threshold = 1.0 / (1.0 + math.exp(-(lo + hi) / 2))
     _, routed = _collect(model, batches)
-    model.config.validate_routing()
+    model.config.validate()
     record = {
         "target_executed_fraction": target,
         "measured_executed_fraction": round(executed_fraction(routed), 6),

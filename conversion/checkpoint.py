@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from modification.modeling import MoDConfig, MoDForCausalLM
+from modification.modeling.modeling_mod import torch_varlen_available
 
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
@@ -152,7 +154,7 @@ def read_mod_config(folder: str | os.PathLike) -> MoDConfig:
         )
     try:
         return MoDConfig.from_pretrained(folder)
-    except ValueError as err:
+    except (ValueError, StrictDataclassError) as err:
         raise CheckpointError(f"{config_path}: {err}") from err
 
 
@@ -178,3 +180,15 @@ def load_mod_model(
     if problems:
         raise CheckpointError(f"the weights in {folder} do not match its config: {problems}")
     return model, folder
+
+
+def fastest_attn_implementation(device: torch.device) -> str:
+    """The fastest attention a MoD model can run on `device`, for the commands to choose once after loading:
+    flash-attn's varlen kernel when installed, else PyTorch's (`torch_varlen`), on CUDA; the exact path elsewhere."""
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "torch_varlen" if torch_varlen_available() else "sdpa"
+    return "flash_attention_2"

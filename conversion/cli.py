@@ -223,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with the numbers it produced
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from huggingface_hub.errors import StrictDataclassError  # a config field set to a bad value
+
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, OSError) as err:
+    except (ValueError, StrictDataclassError, FileExistsError, FileNotFoundError, OSError) as err:
         if args.verbose:
             raise
         print(f"modification {args.command}: error: {err}", file=sys.stderr)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_mod_model
+from .checkpoint import CheckpointError, fastest_attn_implementation, load_mod_model
 from .data import add_data_arguments, load_texts, tokenize_stream
 from .results import RESULTS_FILENAME, update_results
 
@@ -79,6 +79,7 @@ def load_models(
     """
     mod, folder = load_mod_model(model, dtype=dtype)
     mod = mod.to(device).eval()
+    mod.set_attn_implementation(fastest_attn_implementation(device))
     base_name = base if use_base else None
     if use_base and base_name is None:
         base_name = local_base_model(mod.config.base_model_name_or_path)

@@ -23,7 +23,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from modification.modeling import MoDForCausalLM
 
 from .calibrate import routed_fraction_for_target
-from .checkpoint import atomic_output_dir, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    atomic_output_dir, fastest_attn_implementation, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint,
+)
 from .data import DataError, PackedBlocks, load_blocks, mix_blocks, split_blocks
 from .results import RESULTS_FILENAME, update_results
 
@@ -119,12 +121,12 @@ class RoutingStatsTrainer(Trainer):
         stats = {"executed_fraction": float(outputs.routed_fraction.mean())}
         if lm_loss is not None:
             stats["lm_loss"] = float(lm_loss)
-        if outputs.aux_loss is not None:
-            stats["routing_loss"] = float(outputs.aux_loss)
-        for i, logits in enumerate(outputs.router_logits):
-            if logits is not None:
-                stats[f"routed/layer_{i}"] = float(outputs.routed_fraction[i])
-                stats[f"gate/layer_{i}"] = float(torch.sigmoid(logits).mean())
+        config = self.model.config
+        if outputs.aux_loss is not None:  # raw, as Mixtral's: log the term the loss adds
+            stats["routing_loss"] = float(config.router_aux_loss_coef * outputs.aux_loss)
+        for i, logits in zip(config.routed_layers, outputs.router_logits):  # one per routed layer
+            stats[f"routed/layer_{i}"] = float(outputs.routed_fraction[i])
+            stats[f"gate/layer_{i}"] = float(torch.sigmoid(logits).mean())
         for key, value in stats.items():
             self._stats[key] = self._stats.get(key, 0.0) + value
         self._stats_count += 1
@@ -206,11 +208,13 @@ def train(
     eval_set = torch.cat(eval_blocks) if settings.eval_fraction > 0 else None
 
     model, _ = load_mod_model(str(folder), dtype=torch.float32)
+    if torch.cuda.is_available():  # the Trainer moves the model there
+        model.set_attn_implementation(fastest_attn_implementation(torch.device("cuda")))
     if settings.load_loss_coef is not None:
         model.config.load_loss_coef = settings.load_loss_coef
     if settings.target_executed_fraction is not None:
         model.config.load_loss_target = routed_fraction_for_target(model, settings.target_executed_fraction)
-    model.config.validate_routing()
+    model.config.validate()
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     # peft still asks transformers for the deprecated `is_gradient_checkpointing`; the warning is not the user's to fix.

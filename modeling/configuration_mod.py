@@ -3,7 +3,13 @@
 This file is copied into every MoD checkpoint: it imports only transformers (and, through it, torch).
 """
 
-from transformers.configuration_utils import PreTrainedConfig
+from dataclasses import field
+from typing import Literal
+
+# The `@strict` decorator of every transformers 5 config (huggingface_hub's), imported through transformers so that this
+# file depends on transformers alone: fields are validated when set (construction, `update`, assignment) and the class
+# validators (`validate_*`) run on construction and on `save_pretrained`.
+from transformers.configuration_utils import PreTrainedConfig, strict
 
 
 ROUTER_KINDS = ("threshold", "topk", "dense")
@@ -12,12 +18,53 @@ GATE_MODES = ("scale", "exact")
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def _check_routed_layers(value: list[int] | None) -> None:
+    if value is None:
+        return
+    for idx in value:
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            raise ValueError(f"routed_layers holds {idx!r}, but layer indices must be integers >= 0")
+    if len(set(value)) != len(value) or list(value) != sorted(value):
+        raise ValueError(f"routed_layers must be sorted and without repeats, got {value}")
+
+
+def _check_threshold(value: float | list[float]) -> None:
+    for p in value if isinstance(value, list) else [value]:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+            raise ValueError(f"router_threshold must lie in the open interval (0, 1), got {p!r}")
+
+
+def _check_capacity(value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"topk_capacity must lie in (0, 1], got {value}")
+
+
+def _check_non_negative(value: float) -> None:
+    if value < 0.0:
+        raise ValueError(f"a loss coefficient must be >= 0, got {value}")
+
+
+def _check_target(value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"load_loss_target must lie in [0, 1] or be None, got {value}")
+
+
+def _validated(default, *validators):
+    """A config field whose validators run whenever it is set (as huggingface_hub's `validated_field`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"validator": list(validators)})
+    return field(default=default, metadata={"validator": list(validators)})
+
+
+@strict
 class MoDConfig(PreTrainedConfig):
     r"""
     Configuration of a Mixture-of-Depths decoder converted from a Llama-family model (Llama, Mistral, Qwen2, Qwen3).
 
     The architecture fields are those of [`LlamaConfig`] plus `attention_out_bias` (Qwen2 has biases on q/k/v but
-    not on o) and `qk_norm` (Qwen3's per-head RMSNorm on queries and keys). The routing fields are:
+    not on o) and `qk_norm` (Qwen3's per-head RMSNorm on queries and keys). Like every transformers 5 config it is a
+    strict dataclass: a bad value raises (`StrictDataclassFieldValidationError`, naming the field) when it is set, and
+    the checks across fields (`validate_routing`) run on construction and on `save_pretrained`. The routing fields are:
 
     Args:
         router_kind (`str`, defaults to `"threshold"`):
@@ -26,7 +73,7 @@ class MoDConfig(PreTrainedConfig):
             prefill the `ceil(topk_capacity * n)` tokens of each sequence with the largest router logits run the
             layer; once a cache holds earlier tokens (decoding), a token runs iff `g >= p`, the MoD paper's causal
             rule, with the router trained by an auxiliary BCE loss to predict top-k membership. `"dense"`: every
-            token runs every layer with gate 1 (the base model).
+            token runs every layer with gate 1 (the base model); the routers are kept, frozen, so weights round-trip.
         routed_layers (`list[int]`, *optional*):
             Indices of the layers that have a router. Defaults to every other layer starting at layer 1
             (1, 3, 5, ...). The other layers run every token.
@@ -44,22 +91,33 @@ class MoDConfig(PreTrainedConfig):
             with p = 0.5 every token is routed at conversion and training starts from the base model.
         load_loss_coef (`float`, defaults to 0.01):
             alpha of the layer-load objective `R = alpha * sum_j F_j * G_j` over routed layers (F_j: fraction of tokens
-            routed, no gradient; G_j: mean gate, with gradient). Added to the LM loss when labels are given.
+            routed, no gradient; G_j: mean gate, with gradient): the `router_aux_loss_coef` of `"threshold"` routing.
         load_loss_target (`float`, *optional*):
             Our option: replace F_j by `F_j - target` so the objective pushes gates down while a layer routes more than
             `target` of its tokens and up while it routes fewer; the routed fraction settles near the target instead
             of collapsing to all-dense or all-skipped.
         topk_aux_loss_coef (`float`, defaults to 0.01):
-            Weight of the BCE loss that teaches the router logits to predict top-k membership (`"topk"` mode).
+            Weight of the BCE loss that teaches the router logits to predict top-k membership: the
+            `router_aux_loss_coef` of `"topk"` routing.
+        output_router_logits (`bool`, defaults to `False`):
+            As in Mixtral: also return the raw router logits (one `[batch, seq]` tensor per routed layer), the raw
+            (unweighted) auxiliary loss `aux_loss` and the per-layer `routed_fraction`. The loss returned with labels
+            always includes `router_aux_loss_coef * aux_loss`: the routing objective is what trains the routers.
         qk_norm (`bool`, defaults to `False`): Qwen3's per-head RMSNorm on queries and keys.
         attention_out_bias (`bool`, *optional*): bias on `o_proj`; `None` means the same as `attention_bias`.
         base_model_type (`str`, *optional*): the `model_type` of the model this one was converted from.
         base_model_name_or_path (`str`, *optional*): the Hub id or folder it was converted from.
         calibration (`dict`, *optional*): what threshold calibration measured (written by `modification calibrate`).
+
+    `router_aux_loss_coef` (the Mixtral name) reads and sets the coefficient of the current router kind's auxiliary
+    loss (`load_loss_coef` or `topk_aux_loss_coef`). MoD models cannot return attention weights, so
+    `output_attentions=True` is refused.
     """
 
     model_type = "modification"
-    keys_to_ignore_at_inference = ["cache"]
+    # Everything a forward can return besides the logits: Trainer.evaluate/predict hand only the logits to
+    # compute_metrics.
+    keys_to_ignore_at_inference = ["cache", "router_logits", "aux_loss", "lm_loss", "routed_fraction", "router_decisions"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
@@ -95,15 +153,16 @@ class MoDConfig(PreTrainedConfig):
     qk_norm: bool = False
 
     # Routing
-    router_kind: str = "threshold"
-    routed_layers: list[int] | None = None
-    router_threshold: float | list[float] = 0.5
-    topk_capacity: float = 0.5
-    gate_mode: str = "exact"
-    router_init_bias: float = 2.0
-    load_loss_coef: float = 0.01
-    load_loss_target: float | None = None
-    topk_aux_loss_coef: float = 0.01
+    router_kind: Literal["threshold", "topk", "dense"] = "threshold"
+    routed_layers: list[int] | None = _validated(None, _check_routed_layers)
+    router_threshold: float | list[float] = _validated(0.5, _check_threshold)
+    topk_capacity: float | int = _validated(0.5, _check_capacity)
+    gate_mode: Literal["scale", "exact"] = "exact"
+    router_init_bias: float | int = 2.0
+    load_loss_coef: float | int = _validated(0.01, _check_non_negative)
+    load_loss_target: float | int | None = _validated(None, _check_target)
+    topk_aux_loss_coef: float | int = _validated(0.01, _check_non_negative)
+    output_router_logits: bool = False
 
     # Provenance
     base_model_type: str | None = None
@@ -120,53 +179,59 @@ class MoDConfig(PreTrainedConfig):
         if self.routed_layers is None:
             self.routed_layers = list(range(1, self.num_hidden_layers, 2))
         super().__post_init__(**kwargs)
-        self.validate_routing()
+
+    @property
+    def router_aux_loss_coef(self) -> float:
+        """The coefficient of the auxiliary loss of the current router kind (Mixtral's name for it)."""
+        return self.topk_aux_loss_coef if self.router_kind == "topk" else self.load_loss_coef
+
+    @router_aux_loss_coef.setter
+    def router_aux_loss_coef(self, value: float) -> None:
+        if self.router_kind == "topk":
+            self.topk_aux_loss_coef = value
+        else:
+            self.load_loss_coef = value
+
+    @property
+    def output_attentions(self) -> bool:
+        return self._output_attentions
+
+    @output_attentions.setter
+    def output_attentions(self, value: bool) -> None:
+        if value:
+            raise ValueError(_NO_ATTENTION_WEIGHTS)
+        self._output_attentions = value
+
+    def validate_output_attentions(self) -> None:
+        """Part of `@strict` validation: MoD attention kernels never form attention weights."""
+        if self.output_attentions:
+            raise ValueError(_NO_ATTENTION_WEIGHTS)
 
     def validate_routing(self) -> None:
-        """Raise a `ValueError` naming the first routing field that holds a bad value."""
-        if self.router_kind not in ROUTER_KINDS:
-            raise ValueError(f"router_kind must be one of {ROUTER_KINDS}, got {self.router_kind!r}")
-        if self.gate_mode not in GATE_MODES:
-            raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {self.gate_mode!r}")
-        layers = list(self.routed_layers)
-        for idx in layers:
-            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < self.num_hidden_layers:
+        """Part of `@strict` validation: every routing field, and the checks that need several fields."""
+        _check_routed_layers(self.routed_layers)
+        for idx in self.routed_layers:
+            if idx >= self.num_hidden_layers:
                 raise ValueError(
-                    f"routed_layers holds {idx!r}, but layer indices must be integers in [0, {self.num_hidden_layers - 1}]"
+                    f"routed_layers holds {idx}, but layer indices must lie in [0, {self.num_hidden_layers - 1}]"
                     f" (the model has num_hidden_layers={self.num_hidden_layers})"
                 )
-        if len(set(layers)) != len(layers) or layers != sorted(layers):
-            raise ValueError(f"routed_layers must be sorted and without repeats, got {layers}")
-        self.routed_layers = layers
-        thresholds = self.router_threshold
-        if isinstance(thresholds, (list, tuple)):
-            if len(thresholds) != len(layers):
-                raise ValueError(
-                    f"router_threshold is a list of {len(thresholds)} values but there are {len(layers)} routed_layers; "
-                    "give one threshold per routed layer or a single float"
-                )
-            self.router_threshold = [float(p) for p in thresholds]
-            values = self.router_threshold
-        else:
-            self.router_threshold = float(thresholds)
-            values = [self.router_threshold]
-        for p in values:
-            if not 0.0 < p < 1.0:
-                raise ValueError(f"router_threshold must lie in the open interval (0, 1), got {p}")
-        if not 0.0 < float(self.topk_capacity) <= 1.0:
-            raise ValueError(f"topk_capacity must lie in (0, 1], got {self.topk_capacity}")
-        if float(self.load_loss_coef) < 0.0:
-            raise ValueError(f"load_loss_coef must be >= 0, got {self.load_loss_coef}")
-        if float(self.topk_aux_loss_coef) < 0.0:
-            raise ValueError(f"topk_aux_loss_coef must be >= 0, got {self.topk_aux_loss_coef}")
-        if self.load_loss_target is not None and not 0.0 <= float(self.load_loss_target) <= 1.0:
-            raise ValueError(f"load_loss_target must lie in [0, 1] or be None, got {self.load_loss_target}")
+        _check_threshold(self.router_threshold)
+        if isinstance(self.router_threshold, list) and len(self.router_threshold) != len(self.routed_layers):
+            raise ValueError(
+                f"router_threshold is a list of {len(self.router_threshold)} values but there are "
+                f"{len(self.routed_layers)} routed_layers; give one threshold per routed layer or a single float"
+            )
+        _check_capacity(self.topk_capacity)
+        _check_non_negative(self.load_loss_coef)
+        _check_non_negative(self.topk_aux_loss_coef)
+        _check_target(self.load_loss_target)
 
-    def threshold_for_layer(self, layer_idx: int) -> float:
-        """The threshold p of routed layer `layer_idx` (a model layer index)."""
-        if isinstance(self.router_threshold, list):
-            return self.router_threshold[self.routed_layers.index(layer_idx)]
-        return self.router_threshold
+
+_NO_ATTENTION_WEIGHTS = (
+    "MoD models run packed variable-length attention over routed tokens and cannot return attention weights "
+    "(output_attentions=True)"
+)
 
 
 __all__ = ["MoDConfig"]

@@ -21,159 +21,175 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
+from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import ModelOutput, can_return_tuple, is_torchdynamo_compiling, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_mod import MoDConfig
+from .configuration_mod import _NO_ATTENTION_WEIGHTS, MoDConfig
+
+
+try:  # PyTorch's own FlashAttention varlen API (CUDA only), used by attn_implementation="torch_varlen"
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 logger = logging.get_logger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Packed variable-length attention: one entry point, three backends
+# Packed variable-length causal attention, behind transformers' attention interface
 # --------------------------------------------------------------------------------------------------------------------
+# Every implementation takes the routed tokens of a layer packed one sequence after the other, in the interface's
+# layout with a batch of one: `query` `[1, heads, total_q, dim]`, `key`/`value` `[1, kv_heads, total_k, dim]`, sequence
+# `i` owning rows `cu_seq_lens_*[i]:cu_seq_lens_*[i + 1]`, and returns `[1, total_q, heads, dim]`. Each sequence's
+# queries are its last tokens: query `j` of a sequence with `q_len` queries and `k_len` keys sees keys
+# `0 .. k_len - q_len + j` (bottom-right aligned causal mask), which is what a cache holding earlier tokens needs.
+# These are exactly the padding-free varlen arguments of transformers' `flash_attention_forward`, so the flash
+# implementations (flash_attention_2/3/4 and flash-attn kernels from the Hub) are transformers' own.
 
 
-def _flash_attn_varlen_func() -> Callable | None:
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
-
-
-def _torch_varlen_attn() -> Callable | None:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-def select_attention_backend(device: torch.device, dtype: torch.dtype, attn_implementation: str | None) -> str:
-    """Choose the kernel for packed causal attention over routed tokens.
-
-    `"flash_attn"` (flash-attn's varlen kernel) when installed and on CUDA, else `"torch_varlen"` (PyTorch's own
-    FlashAttention varlen API) when available on CUDA, else `"sdpa"`: an exact path that pads each sequence's routed
-    tokens into a batch and calls `scaled_dot_product_attention` with a mask. `attn_implementation="eager"` forces the
-    exact path everywhere (useful to check a GPU kernel against it).
-    """
-    if attn_implementation == "eager" or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return "sdpa"
-    if _flash_attn_varlen_func() is not None:
-        return "flash_attn"
-    if _torch_varlen_attn() is not None:
-        return "torch_varlen"
-    return "sdpa"
-
-
-def _sdpa_packed_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scaling):
-    num_seqs = cu_seqlens_q.numel() - 1
-    q_lens = cu_seqlens_q.diff()
-    k_lens = cu_seqlens_k.diff()
+def _causal_sdpa(query, key, value, scaling: float, dropout: float) -> torch.Tensor:
+    """SDPA over `[batch, heads, q_len, dim]` queries that are the last `q_len` of `k_len` keys (bottom-right causal)."""
+    q_len, k_len = query.shape[2], key.shape[2]
     enable_gqa = query.shape[1] != key.shape[1]
-    if num_seqs == 1:
-        # One sequence: no padding needed. Queries are the last q_len of the k_len keys (bottom-right causal).
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-        if max_seqlen_q == max_seqlen_k:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=enable_gqa)
-        elif max_seqlen_q == 1:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=enable_gqa)
-        else:
-            offset = max_seqlen_k - max_seqlen_q
-            rows = torch.arange(max_seqlen_q, device=query.device)[:, None]
-            cols = torch.arange(max_seqlen_k, device=query.device)[None, :]
-            mask = cols <= rows + offset
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=enable_gqa)
-        return out.squeeze(0).transpose(0, 1)
+    if q_len == k_len:
+        return F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=enable_gqa
+        )
+    mask = None
+    if q_len > 1:
+        rows = torch.arange(q_len, device=query.device)[:, None]
+        mask = torch.arange(k_len, device=query.device)[None, :] <= rows + (k_len - q_len)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=enable_gqa
+    )
 
-    # Several sequences: pad each one's tokens into [seqs, max_len, heads, dim] and mask.
-    seq_q = torch.repeat_interleave(torch.arange(num_seqs, device=query.device), q_lens)
-    pos_q = torch.arange(query.shape[0], device=query.device) - cu_seqlens_q[seq_q]
-    seq_k = torch.repeat_interleave(torch.arange(num_seqs, device=query.device), k_lens)
-    pos_k = torch.arange(key.shape[0], device=key.device) - cu_seqlens_k[seq_k]
-    q = query.new_zeros(num_seqs, max_seqlen_q, *query.shape[1:])
-    k = key.new_zeros(num_seqs, max_seqlen_k, *key.shape[1:])
-    v = value.new_zeros(num_seqs, max_seqlen_k, *value.shape[1:])
-    q[seq_q, pos_q] = query
-    k[seq_k, pos_k] = key
-    v[seq_k, pos_k] = value
-    rows = torch.arange(max_seqlen_q, device=query.device)[None, :, None]
-    cols = torch.arange(max_seqlen_k, device=query.device)[None, None, :]
+
+def sdpa_packed_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The exact path (`eager` and `sdpa`): PyTorch's `scaled_dot_product_attention`, on every device.
+
+    Sequences with equal lengths (one sequence, or a batch that no router or padding thinned out) run as one plain
+    batch; decoding (one query per sequence) attends each sequence to its own keys; anything else is padded into a
+    batch with a mask.
+    """
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
+    num_seqs = cu_seq_lens_q.shape[0] - 1
+    if num_seqs * max_length_q == q.shape[0] and num_seqs * max_length_k == k.shape[0]:
+        # Decided on shapes alone (no data-dependent branch), so this path traces, compiles and exports.
+        qb, kb, vb = (
+            t.reshape(num_seqs, length, *t.shape[1:]).transpose(1, 2)
+            for t, length in ((q, max_length_q), (k, max_length_k), (v, max_length_k))
+        )
+        out = _causal_sdpa(qb, kb, vb, scaling, dropout)
+        return out.transpose(1, 2).reshape(q.shape).unsqueeze(0), None
+
+    q_lens, k_lens = cu_seq_lens_q.diff(), cu_seq_lens_k.diff()
+    if max_length_q == 1:
+        # Decoding: each sequence has at most one new token; it sees every key of its sequence, so no mask.
+        outputs = []
+        cu_k = cu_seq_lens_k.tolist()
+        for b, n in enumerate(q_lens.tolist()):
+            if n:
+                qb = q[len(outputs) : len(outputs) + 1].transpose(0, 1)[None]
+                kb, vb = (t[cu_k[b] : cu_k[b + 1]].transpose(0, 1)[None] for t in (k, v))
+                outputs.append(_causal_sdpa(qb, kb, vb, scaling, dropout)[0].transpose(0, 1))
+        return torch.cat(outputs).unsqueeze(0), None
+
+    # Several sequences of different lengths: pad each one's tokens into [seqs, max_len, heads, dim] and mask.
+    device = q.device
+    seq_q = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=q.shape[0])
+    pos_q = torch.arange(q.shape[0], device=device) - cu_seq_lens_q[seq_q]
+    seq_k = torch.repeat_interleave(torch.arange(num_seqs, device=device), k_lens, output_size=k.shape[0])
+    pos_k = torch.arange(k.shape[0], device=device) - cu_seq_lens_k[seq_k]
+    qp = q.new_zeros(num_seqs, max_length_q, *q.shape[1:])
+    kp = k.new_zeros(num_seqs, max_length_k, *k.shape[1:])
+    vp = v.new_zeros(num_seqs, max_length_k, *v.shape[1:])
+    qp[seq_q, pos_q] = q
+    kp[seq_k, pos_k] = k
+    vp[seq_k, pos_k] = v
+    rows = torch.arange(max_length_q, device=device)[None, :, None]
+    cols = torch.arange(max_length_k, device=device)[None, None, :]
     offset = (k_lens - q_lens)[:, None, None]
     mask = (cols < k_lens[:, None, None]) & (cols <= rows + offset)
     # Padding query rows would be fully masked (NaN in softmax); let them see everything, they are dropped below.
     mask = mask | (rows >= q_lens[:, None, None])
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scaling,
-        enable_gqa=enable_gqa,
+        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=mask[:, None], dropout_p=dropout,
+        scale=scaling, enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(1, 2)[seq_q, pos_q]
+    return out.transpose(1, 2)[seq_q, pos_q].unsqueeze(0), None
 
 
-def packed_causal_attention(
+def torch_varlen_attention_forward(
+    module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    attention_mask: torch.Tensor | None,
     scaling: float,
-    attn_implementation: str | None = None,
     dropout: float = 0.0,
-) -> torch.Tensor:
-    """Causal attention over packed variable-length sequences.
-
-    `query` is `[total_q, heads, dim]`, `key`/`value` are `[total_k, kv_heads, dim]`, sequence `i` owning rows
-    `cu_seqlens_*[i]:cu_seqlens_*[i + 1]`. Each sequence's queries are its last tokens: query `j` of a sequence with
-    `q_len` queries and `k_len` keys sees keys `0 .. k_len - q_len + j` (bottom-right aligned causal mask), which is
-    what a cache holding earlier tokens needs. Returns `[total_q, heads, dim]`.
-    """
-    if query.shape[0] == 0:
-        return query
-    backend = select_attention_backend(query.device, query.dtype, attn_implementation)
-    if backend == "flash_attn":
-        return _flash_attn_varlen_func()(
-            query, key, value, cu_seqlens_q.int(), cu_seqlens_k.int(), max_seqlen_q, max_seqlen_k,
-            dropout_p=dropout, softmax_scale=scaling, causal=True,
-        )
-    if backend == "torch_varlen":
-        return _torch_varlen_attn()(
-            query, key, value, cu_seqlens_q.int(), cu_seqlens_k.int(), max_seqlen_q, max_seqlen_k,
-            scale=scaling, window_size=(-1, 0), enable_gqa=query.shape[1] != key.shape[1],
-        )
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`attn_implementation="torch_varlen"`: PyTorch's FlashAttention varlen kernel (`torch.nn.attention.varlen`)."""
     if dropout > 0.0:
-        raise NotImplementedError("attention dropout is not supported by MoD's packed attention")
-    return _sdpa_packed_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scaling)
+        raise ValueError("attn_implementation='torch_varlen' has no attention dropout; set attention_dropout=0")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen_attn(
+        q, k, v, cu_seq_lens_q.int(), cu_seq_lens_k.int(), max_length_q, max_length_k, scale=scaling,
+        window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.unsqueeze(0), None
 
 
-def decode_attention(
-    query: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    new_lens: list[int],
-    scaling: float,
-) -> torch.Tensor:
-    """Attention of one new token per sequence (those with `new_lens[b] == 1`) over that sequence's cached K/V.
+# MoD's own entries override the library's for these names (a local registry, as the AttentionInterface docs advise);
+# every other name is looked up in the library's registry, where flash_attention_2/3/4 and flash-attn Hub kernels map
+# to `flash_attention_forward`, which runs the packed layout as is.
+MOD_ATTENTION_FUNCTIONS = AttentionInterface()
+MOD_ATTENTION_FUNCTIONS["eager"] = sdpa_packed_attention_forward
+MOD_ATTENTION_FUNCTIONS["sdpa"] = sdpa_packed_attention_forward
+MOD_ATTENTION_FUNCTIONS["torch_varlen"] = torch_varlen_attention_forward
+_PACKED_ATTENTION_FUNCTIONS = (sdpa_packed_attention_forward, torch_varlen_attention_forward, flash_attention_forward)
 
-    `query` is `[n, heads, dim]` for the sequences with a new token, in order; `keys[b]`/`values[b]` are
-    `[tokens_b, kv_heads, dim]` and already hold the new token. The newest token sees every cached one, so no mask.
-    """
-    outputs = []
-    j = 0
-    for b, n in enumerate(new_lens):
-        if not n:
-            continue
-        q = query[j : j + 1].transpose(0, 1).unsqueeze(0)  # [1, heads, 1, dim]
-        k, v = keys[b].transpose(0, 1).unsqueeze(0), values[b].transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-        outputs.append(out[0].transpose(0, 1))
-        j += 1
-    return torch.cat(outputs)
+
+def torch_varlen_available() -> bool:
+    """Whether `attn_implementation="torch_varlen"` can run here (PyTorch's varlen API and a CUDA device)."""
+    return varlen_attn is not None and torch.cuda.is_available()
+
+
+def resolve_attention_function(attn_implementation: str | None) -> Callable:
+    """The packed attention function for an `attn_implementation` name; a `ValueError` for one MoD cannot run."""
+    function = MOD_ATTENTION_FUNCTIONS.get(attn_implementation or "sdpa")
+    if function not in _PACKED_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} cannot run MoD's packed variable-length attention over routed "
+            "tokens; use 'eager' or 'sdpa' (the exact path), 'flash_attention_2', 'flash_attention_3', "
+            "'flash_attention_4' or a flash-attn kernel from the Hub (e.g. 'kernels-community/flash-attn2'), or "
+            "'torch_varlen' (PyTorch's varlen kernel)"
+        )
+    return function
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -181,60 +197,82 @@ def decode_attention(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _cumsum0(lengths: torch.Tensor) -> torch.Tensor:
-    return F.pad(lengths.cumsum(0), (1, 0))
+def _offsets(lengths: list[int]) -> list[int]:
+    """`[0, l0, l0 + l1, ...]`: where each sequence starts when packed, and the total at the end."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
+def _cumsum0(lengths: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(_offsets(lengths), dtype=torch.int32, device=device)
+
+
+def _rows(lengths: list[int], starts: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices `starts[b] + (0 .. lengths[b] - 1)` of every sequence `b`, concatenated."""
+    total = sum(lengths)
+    counts = torch.tensor(lengths, device=device)
+    shift = torch.tensor(starts, device=device) - _cumsum0(lengths, device)[:-1]
+    return torch.arange(total, device=device) + torch.repeat_interleave(shift, counts, output_size=total)
 
 
 class MoDCacheLayer(CacheLayerMixin):
-    """One layer's K/V: for each sequence, a `[tokens, kv_heads, head_dim]` tensor holding only the tokens that ran
-    this layer, so memory is exactly what the routed tokens need. `steps` records the input column each cached token
-    came from, so the cache can be cropped back to an earlier length."""
+    """One layer's K/V: only the tokens that ran this layer, packed one sequence after the other (`keys`/`values`
+    `[tokens, kv_heads, head_dim]`, `lengths[b]` rows for sequence `b`): memory is exactly what the routed tokens need,
+    and attention reads it as it is. `columns` records the input column each cached token came from, so the cache can
+    be cropped back to an earlier length."""
 
     is_compileable = False
     is_sliding = False
     is_croppable = True
+    supports_early_init = False  # the batch size comes with the first update
 
     def __init__(self):
         super().__init__()
-        self.keys: list[torch.Tensor] | None = None
-        self.values: list[torch.Tensor] | None = None
-        self.steps: list[torch.Tensor] | None = None
+        self.lengths: list[int] = []
+        self.columns: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[:0], value_states[:0]
+        self.columns = torch.empty(0, dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError("MoDCacheLayer stores ragged K/V: use `append`")
-
-    def append(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, seq_lens: list[int], steps: torch.Tensor
-    ) -> None:
-        """Append each sequence's new routed K/V (packed: `seq_lens[b]` rows for sequence `b`) after its cached ones."""
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, lengths: list[int], columns: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Append each sequence's new K/V (packed, `lengths[b]` rows for sequence `b`, from input `columns`) after its
+        cached ones; returns all cached keys and values, packed, and each sequence's number of cached tokens."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = [t.split(seq_lens) for t in (key_states, value_states, steps)]
-        if self.keys is None:
-            # Own copies per sequence (not views of the packed batch), so each one can be freed on its own.
-            own = (lambda t: t) if len(seq_lens) == 1 else (lambda t: t.clone())
-            self.keys, self.values, self.steps = ([own(t) for t in parts] for parts in new)
-            return
-        for b, n in enumerate(seq_lens):
-            if n:
-                self.keys[b] = torch.cat([self.keys[b], new[0][b]])
-                self.values[b] = torch.cat([self.values[b], new[1][b]])
-                self.steps[b] = torch.cat([self.steps[b], new[2][b]])
+            self.lengths = [0] * len(lengths)
+        if len(lengths) != len(self.lengths):
+            raise ValueError(f"MoDCache holds {len(self.lengths)} sequences, got {len(lengths)}")
+        merged = [a + b for a, b in zip(self.lengths, lengths)]
+        if self.keys.shape[0] == 0:
+            self.keys, self.values, self.columns = key_states, value_states, columns
+        elif len(lengths) == 1:
+            self.keys = torch.cat([self.keys, key_states])
+            self.values = torch.cat([self.values, value_states])
+            self.columns = torch.cat([self.columns, columns])
+        else:
+            # Interleave: every sequence's new rows go right after its cached ones (one copy, as a single cat).
+            self.keys, self.values, self.columns = (
+                torch.cat([part for pair in zip(old.split(self.lengths), new.split(lengths)) for part in pair])
+                for old, new in ((self.keys, key_states), (self.values, value_states), (self.columns, columns))
+            )
+        self.lengths = merged
+        return self.keys, self.values, self.lengths
 
-    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """All sequences' K/V packed one after the other, their `cu_seqlens` and the longest length."""
-        lens = torch.tensor([k.shape[0] for k in self.keys], device=self.keys[0].device)
-        return torch.cat(self.keys), torch.cat(self.values), _cumsum0(lens), int(lens.max())
-
-    def seq_lens(self) -> list[int]:
-        return [] if self.keys is None else [k.shape[0] for k in self.keys]
+    def split(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Each sequence's cached keys and values (views)."""
+        if not self.is_initialized:
+            return (), ()
+        return self.keys.split(self.lengths), self.values.split(self.lengths)
 
     def get_seq_length(self) -> int:
-        return max(self.seq_lens(), default=0)
+        return max(self.lengths, default=0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -243,48 +281,58 @@ class MoDCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.steps = None
+        self.keys = self.values = self.columns = None
+        self.lengths = []
         self.is_initialized = False
 
     def select_sequences(self, indices: torch.Tensor) -> None:
         """Keep the sequences `indices` (in that order; repeats allowed): beam reordering, expansion, selection."""
-        if self.keys is not None:
-            order = indices.tolist()
-            self.keys, self.values, self.steps = ([parts[i] for i in order] for parts in
-                                                  (self.keys, self.values, self.steps))
+        if not self.is_initialized:  # nothing cached yet: every sequence is empty, in any order
+            return
+        order = indices.tolist()
+        starts = _offsets(self.lengths)
+        rows = _rows([self.lengths[i] for i in order], [starts[i] for i in order], self.keys.device)
+        self.keys, self.values, self.columns = (t.index_select(0, rows) for t in (self.keys, self.values, self.columns))
+        self.lengths = [self.lengths[i] for i in order]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_sequences(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.keys is not None:
-            self.select_sequences(torch.arange(len(self.keys)).repeat_interleave(repeats))
+        self.select_sequences(torch.arange(len(self.lengths)).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.select_sequences(indices)
 
-    def crop_to_step(self, num_steps: int) -> None:
-        """Drop every cached token that came from input column `num_steps` or later."""
-        if self.keys is None:
+    def crop_to_column(self, num_columns: int) -> None:
+        """Drop every cached token that came from input column `num_columns` or later."""
+        if not self.is_initialized:
             return
-        keep = [s < num_steps for s in self.steps]
-        self.keys, self.values, self.steps = ([t[k] for t, k in zip(parts, keep)] for parts in
-                                              (self.keys, self.values, self.steps))
+        keep = self.columns < num_columns
+        sequence = torch.repeat_interleave(
+            torch.arange(len(self.lengths), device=keep.device), torch.tensor(self.lengths, device=keep.device)
+        )
+        kept = torch.zeros(len(self.lengths), dtype=torch.long, device=keep.device).index_add_(0, sequence, keep.long())
+        self.lengths = kept.tolist()
+        self.keys, self.values, self.columns = (t[keep] for t in (self.keys, self.values, self.columns))
 
-    def crop(self, tokens_to_remove: int) -> None:  # the container crops by step, see MoDCache.crop
+    def crop(self, tokens_to_remove: int) -> None:  # the container crops by input column, see MoDCache.crop
         raise NotImplementedError("crop a MoDCache through MoDCache.crop")
 
     def kv_bytes(self) -> int:
-        if self.keys is None:
+        if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for parts in (self.keys, self.values) for t in parts)
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
 class MoDCache(Cache):
     """KV cache of a MoD model: per layer and per sequence, only the tokens that ran that layer.
 
-    `get_seq_length()` is the number of input columns seen so far (what positions and masks count), not what any
-    layer holds. `kv_bytes()` is the memory held by keys and values.
+    Attention writes a layer's routed K/V with `update` and reads back all of that layer's cached K/V; once every layer
+    has run, the model calls `advance` with the number of input columns it consumed. `get_seq_length()` is the number
+    of input columns seen so far (what positions count), not what any layer holds. `kv_bytes()` is the memory held by
+    keys and values; `cached_tokens()` counts them per layer. Beam reordering, `crop` (assisted and prompt-lookup
+    decoding) and batch expansion work as for transformers' caches.
     """
 
     is_compileable = False
@@ -297,8 +345,22 @@ class MoDCache(Cache):
         super().__init__(layers=[MoDCacheLayer() for _ in range(num_layers)])
         self.seen_tokens = 0
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        raise NotImplementedError("MoDCache stores ragged K/V: use `layers[i].append`")
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        lengths: list[int],
+        columns: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Append layer `layer_idx`'s routed K/V (`[tokens, kv_heads, head_dim]`, packed per sequence: `lengths[b]` rows
+        for sequence `b`, taken from input `columns`); returns that layer's cached keys and values, packed the same
+        way, and the number of cached tokens of each sequence."""
+        return self.layers[layer_idx].update(key_states, value_states, lengths, columns)
+
+    def advance(self, num_tokens: int) -> None:
+        """Count `num_tokens` more input columns as seen (the model calls it once per forward, after every layer)."""
+        self.seen_tokens += num_tokens
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -307,13 +369,14 @@ class MoDCache(Cache):
         return self.seen_tokens + query_length, 0
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` input columns (a negative number, as generation passes it)."""
         if tokens_to_remove > 0:
             raise ValueError("MoDCache.crop takes a negative number of tokens to remove")
         if tokens_to_remove == 0:
             return
         self.seen_tokens = max(0, self.seen_tokens + tokens_to_remove)
         for layer in self.layers:
-            layer.crop_to_step(self.seen_tokens)
+            layer.crop_to_column(self.seen_tokens)
 
     def reset(self) -> None:
         super().reset()
@@ -325,11 +388,11 @@ class MoDCache(Cache):
 
     def cached_tokens(self) -> list[int]:
         """Total cached tokens (over sequences) per layer."""
-        return [sum(layer.seq_lens()) for layer in self.layers]
+        return [sum(layer.lengths) for layer in self.layers]
 
     @property
     def batch_size(self) -> int:
-        sizes = [len(layer.keys) for layer in self.layers if layer.keys is not None]
+        sizes = [len(layer.lengths) for layer in self.layers if layer.is_initialized]
         return -1 if not sizes else sizes[0]
 
     @property
@@ -344,44 +407,52 @@ class MoDCache(Cache):
 
 @dataclass
 class MoDModelOutputWithPast(ModelOutput):
-    """Output of [`MoDModel`].
+    """Output of [`MoDModel`]; the router fields are `None` unless asked for.
 
     Args:
         last_hidden_state: hidden states after the final norm, `[batch, seq, hidden]`.
         cache: the [`MoDCache`] when `use_cache=True`.
-        hidden_states: embeddings and each layer's output (the last after the final norm), when asked for.
-        aux_loss: the routing objective already weighted by its coefficients (layer-load objective for `"threshold"`
-            routing, top-k BCE for `"topk"`); `None` when no layer routes.
-        routed_fraction: `[num_layers]`, the fraction of (non-padding) tokens that ran each layer in this call
-            (1.0 for unrouted layers). Its mean is the executed fraction of token-layer work.
-        router_decisions: per layer, `[batch, seq]` bool: which tokens ran it (when `output_router_decisions=True`).
-        router_logits: per layer, `[batch, seq]` float32 router logits (gate = sigmoid(logit)), `None` for unrouted
-            layers (when `output_router_decisions=True`).
+        hidden_states: embeddings and each layer's output (the last after the final norm), with
+            `output_hidden_states=True`.
+        attentions: always `None`: MoD attention kernels never form attention weights.
+        router_logits: one `[batch, seq]` float32 tensor of raw router logits per routed layer (gate =
+            sigmoid(logit)), in the order of `config.routed_layers`; empty under `"dense"` routing. With
+            `output_router_logits=True` or `output_router_decisions=True`.
+        aux_loss: the raw (unweighted) routing objective summed over routed layers: the layer-load objective
+            `sum_j F_j * G_j` for `"threshold"` routing, the top-k BCE for `"topk"`; `None` when no layer routes.
+            With `output_router_logits=True` or `output_router_decisions=True`.
+        routed_fraction: `[num_layers]`, the fraction of (non-padding) tokens that ran each layer in this call (1.0 for
+            unrouted layers); its mean is the executed fraction of token-layer work. With either router flag.
+        router_decisions: per layer, `[batch, seq]` bool: which tokens ran it. With `output_router_decisions=True`.
     """
 
     last_hidden_state: torch.Tensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
     routed_fraction: torch.Tensor | None = None
     router_decisions: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor | None, ...] | None = None
 
 
 @dataclass
 class MoDCausalLMOutputWithPast(ModelOutput):
-    """Output of [`MoDForCausalLM`]: `loss` is `lm_loss + aux_loss` when labels are given; the other fields are as in
+    """Output of [`MoDForCausalLM`], in transformers' order (`loss` first when labels are given, then `logits`,
+    `cache`, `hidden_states`, `attentions`). `loss` is `lm_loss + config.router_aux_loss_coef * aux_loss`; `lm_loss` is
+    the language-modelling loss alone (with labels and a router flag); the other fields are as in
     [`MoDModelOutputWithPast`]."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
-    lm_loss: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
     routed_fraction: torch.Tensor | None = None
     router_decisions: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor | None, ...] | None = None
 
 
 class MoDRMSNorm(nn.Module):
@@ -435,7 +506,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin):
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on packed `[tokens, heads, dim]` queries/keys with per-token `[tokens, dim]` cos/sin."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
@@ -454,208 +527,270 @@ class MoDMLP(nn.Module):
 
 
 @dataclass
-class PackedBatch:
-    """A layer's routed tokens, packed: per-sequence counts and offsets, and each token's RoPE cos/sin and input
-    column (kept by the cache)."""
+class PackedTokens:
+    """The tokens that run a layer, packed one sequence after the other: each sequence's count and offsets, each
+    token's RoPE cos/sin, and its input column (kept by the cache)."""
 
-    seq_lens_list: list[int]
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
+    lengths: list[int]
+    cu_seq_lens: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    steps: torch.Tensor | None
+    columns: torch.Tensor | None
 
 
 class MoDAttention(nn.Module):
-    """Causal self-attention over packed routed tokens; K/V of routed tokens only go to the cache."""
+    """Causal self-attention over packed routed tokens; K/V of routed tokens only go to the cache.
+
+    The attention function is chosen once, from `config._attn_implementation` (see `resolve_attention_function`), when
+    the module is built and again on `set_attn_implementation`.
+    """
 
     def __init__(self, config: MoDConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        self.is_causal = True
+        self.q_proj = nn.Linear(
+            config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.k_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.v_proj = nn.Linear(
+            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias
+        )
         if config.qk_norm:
             self.q_norm = MoDRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = MoDRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.attention_function = resolve_attention_function(config._attn_implementation)
 
-    def forward(self, hidden_states: torch.Tensor, packed: PackedBatch, cache: MoDCache | None) -> torch.Tensor:
-        n = hidden_states.shape[0]
-        query = self.q_proj(hidden_states).view(n, self.num_heads, self.head_dim)
-        key = self.k_proj(hidden_states).view(n, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(hidden_states).view(n, self.num_kv_heads, self.head_dim)
+    def forward(self, hidden_states: torch.Tensor, packed: PackedTokens, cache: MoDCache | None) -> torch.Tensor:
+        # -1, not the config's head count: under tensor parallelism each rank holds a shard of the heads.
+        hidden_shape = (hidden_states.shape[0], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        value = self.v_proj(hidden_states).view(hidden_shape)
         if self.config.qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = apply_rotary_pos_emb(query, key, packed.cos, packed.sin)
 
-        if cache is None or cache.layers[self.layer_idx].keys is None:
-            # No earlier tokens: attend among this call's routed tokens.
-            if cache is not None:
-                cache.layers[self.layer_idx].append(key, value, packed.seq_lens_list, packed.steps)
-            attn_output = self._packed_attention(query, key, value, packed.cu_seqlens, packed.max_seqlen, packed)
-        else:
-            layer_cache = cache.layers[self.layer_idx]
-            layer_cache.append(key, value, packed.seq_lens_list, packed.steps)
-            if packed.max_seqlen == 1:
-                # Decoding: each sequence has at most one new token; attend to its own cached tokens directly.
-                attn_output = decode_attention(query, layer_cache.keys, layer_cache.values, packed.seq_lens_list,
-                                               self.scaling)
-            else:
-                key, value, cu_seqlens_k, max_seqlen_k = layer_cache.packed()
-                attn_output = self._packed_attention(query, key, value, cu_seqlens_k, max_seqlen_k, packed)
-        return self.o_proj(attn_output.reshape(n, -1))
+        key_lengths, cu_seq_lens_k = packed.lengths, packed.cu_seq_lens
+        if cache is not None:
+            key, value, key_lengths = cache.update(key, value, self.layer_idx, packed.lengths, packed.columns)
+            cu_seq_lens_k = _cumsum0(key_lengths, key.device)
 
-    def _packed_attention(self, query, key, value, cu_seqlens_k, max_seqlen_k, packed: "PackedBatch"):
-        return packed_causal_attention(
-            query, key, value, packed.cu_seqlens, cu_seqlens_k, packed.max_seqlen, max_seqlen_k, self.scaling,
-            attn_implementation=self.config._attn_implementation,
-            dropout=self.attention_dropout if self.training else 0.0,
+        attn_output, _ = self.attention_function(
+            self,
+            query.transpose(0, 1).unsqueeze(0),
+            key.transpose(0, 1).unsqueeze(0),
+            value.transpose(0, 1).unsqueeze(0),
+            None,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            is_causal=True,
+            cu_seq_lens_q=packed.cu_seq_lens,
+            cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max(packed.lengths),
+            max_length_k=max(key_lengths),
         )
-
-
-class MoDRouter(nn.Module):
-    """Scores each token for one routed layer: `logit = w . rms_normalise(h) + b`, gate `g = sigmoid(logit)`.
-
-    The input is the layer's input hidden state, RMS-normalised without a learned scale (our choice: the paper does
-    not say) so that the logit scale does not depend on the residual stream's magnitude. The router starts at `w = 0`
-    and `b = config.router_init_bias`. It runs in float32 so that routing decisions do not depend on the dtype.
-    """
-
-    def __init__(self, config: MoDConfig, layer_idx: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1, config.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(1))
-        self.eps = config.rms_norm_eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return F.linear(x, self.weight.float(), self.bias.float()).squeeze(-1)
+        return self.o_proj(attn_output.reshape(hidden_states.shape[0], -1))
 
 
 @dataclass
-class LayerRouting:
-    """One layer's routing decision: which tokens run it, their gate values, and its share of the routing loss."""
+class RoutingDecision:
+    """What a router decided for one layer's tokens.
 
-    mask: torch.Tensor
+    Args:
+        mask: `[batch, seq]` bool, the tokens that run the layer; `None` means every token of the batch runs (no
+            router and no padding), so the layer needs no gather or scatter.
+        gate: `[batch, seq]`, the factor on the sub-layer outputs of the tokens that run (`None`: 1).
+        logits: `[batch, seq]` float32 raw router logits (`None` without a router).
+        loss: this layer's raw (unweighted) term of the routing objective (`None` if it has none).
+    """
+
+    mask: torch.Tensor | None
     gate: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
 
-class MoDDecoderLayer(GradientCheckpointingLayer):
-    """A Llama decoder layer that computes only its routed tokens.
+class MoDRouter(nn.Module):
+    """Base of the routers: scores each token for one routed layer, `logit = w . rms_normalise(h) + b`.
 
-    A routed token `h` becomes `a = h + g * Attn(norm1(h))`, `h' = a + g * MLP(norm2(a))`; a skipped token keeps
-    `h' = h` and writes no K/V. With `gate_mode="exact"` the forward value of g is 1. Unrouted layers run every
-    (non-padding) token with no gate.
+    The input is the layer's input hidden state, RMS-normalised without a learned scale (our choice: the paper does
+    not say) so that the logit scale does not depend on the residual stream's magnitude. The router starts at `w = 0`
+    and `b = config.router_init_bias`, and runs in float32 so that routing decisions do not depend on the dtype. Each
+    router kind (`ThresholdRouter`, `TopKRouter`, `DenseRouter`) decides from the scores which tokens run, with which
+    gate, and what its share of the routing objective is, and returns a `RoutingDecision`.
     """
 
     def __init__(self, config: MoDConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.is_routed = config.router_kind != "dense" and layer_idx in config.routed_layers
+        self.weight = nn.Parameter(torch.zeros(1, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.eps = config.rms_norm_eps
+
+    @property
+    def threshold(self) -> float:
+        """This layer's threshold p (read from the config, so that calibration takes effect at once)."""
+        p = self.config.router_threshold
+        return p[self.config.routed_layers.index(self.layer_idx)] if isinstance(p, list) else p
+
+    def score(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Router logits `[batch, seq]`, float32."""
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return F.linear(x, self.weight.float(), self.bias.float()).squeeze(-1)
+
+    def causal_mask(self, logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """The causal rule `sigmoid(logit) >= p`: each token decides alone."""
+        p = self.threshold
+        # g >= p  <=>  logit >= log(p / (1 - p)): comparing logits stays exact where the float32 sigmoid saturates.
+        mask = logits >= math.log(p) - math.log1p(-p)
+        return mask if valid is None else mask & valid
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        """The factor on a routed token's sub-layer outputs, through which the router gets its gradient."""
+        if self.config.gate_mode == "exact":
+            # Forward value exactly 1 (g / stop_grad(g), in log space so that it never divides by 0).
+            log_g = F.logsigmoid(logits)
+            return torch.exp(log_g - log_g.detach())
+        return torch.sigmoid(logits)
+
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> RoutingDecision:
+        raise NotImplementedError
+
+
+class ThresholdRouter(MoDRouter):
+    """MoDification's causal threshold-p router: a token runs the layer iff `sigmoid(logit) >= p`, in training,
+    prefill and decoding alike. Its objective is the layer-load term `F * G` (F: fraction of valid tokens routed, no
+    gradient, minus `load_loss_target` if set; G: mean gate, with gradient)."""
+
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> RoutingDecision:
+        logits = self.score(hidden_states)
+        mask = self.causal_mask(logits, valid)
+        probs = torch.sigmoid(logits)
+        if valid is None:
+            n_valid, probs_sum = mask.numel(), probs.sum()
+        else:
+            n_valid, probs_sum = valid.sum().clamp(min=1), (probs * valid).sum()
+        routed = (mask.sum() / n_valid).detach()
+        if self.config.load_loss_target is not None:
+            routed = routed - self.config.load_loss_target
+        return RoutingDecision(mask=mask, gate=self.gate(logits), logits=logits, loss=routed * probs_sum / n_valid)
+
+
+class TopKRouter(MoDRouter):
+    """Original MoD (expert choice): in training and prefill the `ceil(topk_capacity * n)` highest-scoring valid
+    tokens of each sequence run the layer (non-causal), and the router logits learn top-k membership through a BCE
+    loss; once a cache holds earlier tokens (decoding), the causal rule `sigmoid(logit) >= p` decides."""
+
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> RoutingDecision:
+        logits = self.score(hidden_states)
+        if has_past:  # top-k membership is undefined one token at a time: the causal rule, no loss
+            return RoutingDecision(mask=self.causal_mask(logits, valid), gate=self.gate(logits), logits=logits)
+        if valid is None:
+            valid = torch.ones_like(logits, dtype=torch.bool)
+        k = torch.ceil(valid.sum(1) * self.config.topk_capacity).long()
+        ranked = logits.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True)
+        positions = torch.arange(logits.shape[1], device=logits.device).expand_as(ranked).contiguous()
+        rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
+        mask = (rank < k[:, None]) & valid
+        loss = F.binary_cross_entropy_with_logits(logits[valid], mask[valid].float())
+        return RoutingDecision(mask=mask, gate=self.gate(logits), logits=logits, loss=loss)
+
+
+class DenseRouter(MoDRouter):
+    """`router_kind="dense"`: every token runs (the base model). The router's weights are kept so that checkpoints
+    round-trip, but frozen: they take no part in the forward, and a trainable parameter that never gets a gradient
+    breaks `DistributedDataParallel`."""
+
+    def __init__(self, config: MoDConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.requires_grad_(False)
+
+    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> RoutingDecision:
+        return RoutingDecision(mask=valid)
+
+
+ROUTER_CLASSES = {"threshold": ThresholdRouter, "topk": TopKRouter, "dense": DenseRouter}
+
+
+class MoDDecoderLayer(GradientCheckpointingLayer):
+    """A Llama decoder layer that computes only the tokens its router lets through.
+
+    A routed token `h` becomes `a = h + g * Attn(norm1(h))`, `h' = a + g * MLP(norm2(a))`; a skipped token keeps
+    `h' = h` and writes no K/V. Layers in `config.routed_layers` have a `router` (of the kind `config.router_kind`);
+    the others run every (non-padding) token with no gate. Returns the new hidden states and the `RoutingDecision`.
+    """
+
+    def __init__(self, config: MoDConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
         self.self_attn = MoDAttention(config, layer_idx)
         self.mlp = MoDMLP(config)
         self.input_layernorm = MoDRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoDRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if layer_idx in config.routed_layers:  # kept under "dense" routing too, so weights round-trip
-            self.router = MoDRouter(config, layer_idx)
-
-    def route(self, hidden_states: torch.Tensor, valid: torch.Tensor, has_past: bool) -> LayerRouting:
-        if not self.is_routed:
-            return LayerRouting(mask=valid)
-        logits = self.router(hidden_states)
-        gate = torch.sigmoid(logits)
-        p = self.config.threshold_for_layer(self.layer_idx)
-        # g >= p  <=>  logit >= log(p / (1 - p)); comparing logits (threshold in float64) stays exact where the
-        # float32 sigmoid saturates to 0 or 1.
-        logit_threshold = math.log(p) - math.log1p(-p)
-        n_valid = valid.sum().clamp(min=1)
-        if self.config.router_kind == "topk" and not has_past:
-            # Expert choice: the ceil(capacity * n) highest-scoring tokens of each sequence (non-causal).
-            k = torch.ceil(valid.sum(1) * self.config.topk_capacity).long()
-            ranked = logits.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True)
-            rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(logits.shape[1], device=logits.device)
-                                                     .expand_as(ranked).contiguous())
-            mask = (rank < k[:, None]) & valid
-            target = mask.float()
-            bce = F.binary_cross_entropy_with_logits(logits[valid], target[valid])
-            return LayerRouting(mask=mask, gate=gate, logits=logits, aux_loss=self.config.topk_aux_loss_coef * bce)
-        mask = (logits >= logit_threshold) & valid
-        if self.config.router_kind == "topk":  # decoding a top-k model: the causal rule, no loss
-            return LayerRouting(mask=mask, gate=gate, logits=logits)
-        # Layer-load objective: F (fraction routed, no gradient) times G (mean gate, with gradient).
-        routed_frac = (mask.sum() / n_valid).detach()
-        if self.config.load_loss_target is not None:
-            routed_frac = routed_frac - self.config.load_loss_target
-        mean_gate = (gate * valid).sum() / n_valid
-        return LayerRouting(
-            mask=mask, gate=gate, logits=logits, aux_loss=self.config.load_loss_coef * routed_frac * mean_gate
-        )
+        self.has_router = layer_idx in config.routed_layers
+        if self.has_router:  # state-dict names `layers.{i}.router.weight` / `.bias`
+            self.router = ROUTER_CLASSES[config.router_kind](config, layer_idx)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        valid: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        valid: torch.Tensor | None = None,
         cache: MoDCache | None = None,
-        past_length: int = 0,
         **kwargs,
-    ) -> tuple[torch.Tensor, LayerRouting]:
+    ) -> tuple[torch.Tensor, RoutingDecision]:
         batch, seq, hidden = hidden_states.shape
-        routing = self.route(hidden_states, valid, has_past=past_length > 0)
-        flat = hidden_states.reshape(batch * seq, hidden)
-        seq_lens = routing.mask.sum(1)
-        if routing.mask.all():
-            index = None  # every token runs: no gather/scatter
-            x, tok_cos, tok_sin = flat, cos.reshape(batch * seq, -1), sin.reshape(batch * seq, -1)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if self.has_router:
+            decision = self.router(hidden_states, valid, has_past=past_length > 0)
         else:
-            index = routing.mask.reshape(-1).nonzero().squeeze(1)
+            decision = RoutingDecision(mask=valid)
+
+        flat = hidden_states.reshape(batch * seq, hidden)
+        cos, sin = (t.reshape(batch * seq, -1) for t in position_embeddings)
+        if decision.mask is None:
+            # Every token runs: no gather or scatter, and shapes known in advance (this path traces and exports).
+            index, x, lengths = None, flat, [seq] * batch
+        else:
+            index = decision.mask.reshape(-1).nonzero().squeeze(1)
             if index.numel() == 0:  # every token skips: nothing to compute or cache
-                return hidden_states, routing
-            x = flat[index]
-            tok_cos, tok_sin = cos.reshape(batch * seq, -1)[index], sin.reshape(batch * seq, -1)[index]
-        steps = None
-        if cache is not None:  # input column of each routed token, kept by the cache so that it can be cropped
-            steps = past_length + (torch.arange(batch * seq, device=flat.device) if index is None else index) % seq
-        seq_lens_list = seq_lens.tolist()
-        packed = PackedBatch(
-            seq_lens_list=seq_lens_list, cu_seqlens=_cumsum0(seq_lens), max_seqlen=max(seq_lens_list),
-            cos=tok_cos, sin=tok_sin, steps=steps,
-        )
-
+                return hidden_states, decision
+            x, cos, sin = flat[index], cos[index], sin[index]
+            lengths = decision.mask.sum(1).tolist()
+        columns = None
+        if cache is not None:  # the input column of each token, kept by the cache so that it can be cropped
+            rows = torch.arange(batch * seq, device=flat.device) if index is None else index
+            columns = past_length + rows % seq
+        packed = PackedTokens(lengths=lengths, cu_seq_lens=_cumsum0(lengths, x.device), cos=cos, sin=sin, columns=columns)
         gate = None
-        if routing.gate is not None:
-            if self.config.gate_mode == "exact":
-                # Forward value exactly 1 (g / stop_grad(g), written in log space so it never divides by 0).
-                log_g = F.logsigmoid(routing.logits)
-                g = torch.exp(log_g - log_g.detach())
-            else:
-                g = routing.gate
-            g = g.reshape(-1) if index is None else g.reshape(-1)[index]
-            gate = g.to(x.dtype).unsqueeze(-1)
+        if decision.gate is not None:
+            gate = decision.gate.reshape(-1)
+            gate = (gate if index is None else gate[index]).to(x.dtype).unsqueeze(-1)
 
-        attn_out = self.self_attn(self.input_layernorm(x), packed, cache)
-        x = x + (attn_out if gate is None else gate * attn_out)
-        mlp_out = self.mlp(self.post_attention_layernorm(x))
-        x = x + (mlp_out if gate is None else gate * mlp_out)
+        residual = x
+        x = self.self_attn(self.input_layernorm(x), packed, cache)
+        x = residual + (x if gate is None else gate * x)
+        residual = x
+        x = self.mlp(self.post_attention_layernorm(x))
+        x = residual + (x if gate is None else gate * x)
 
-        out = x.reshape(batch, seq, hidden) if index is None else flat.index_copy(0, index, x).view(batch, seq, hidden)
-        return out, routing
+        out = x.view(batch, seq, hidden) if index is None else flat.index_copy(0, index, x).view(batch, seq, hidden)
+        return out, decision
 
 
 class MoDPreTrainedModel(PreTrainedModel):
-    config_class = MoDConfig
     config: MoDConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -663,8 +798,10 @@ class MoDPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
+    # Routing makes shapes data-dependent (graph breaks); the dense path alone traces without them.
     _can_compile_fullgraph = False
     _supports_attention_backend = False
+    _can_record_outputs = {"hidden_states": OutputRecorder(MoDDecoderLayer, index=0)}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -672,11 +809,37 @@ class MoDPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
             init.constant_(module.bias, self.config.router_init_bias)
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True  # attention goes through MOD_ATTENTION_FUNCTIONS; transformers' source heuristic cannot see it
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        if requested_attention == "torch_varlen":
+            if not torch_varlen_available():
+                raise ImportError(
+                    "attn_implementation='torch_varlen' needs torch.nn.attention.varlen (PyTorch's FlashAttention "
+                    "varlen API) and a CUDA device; use 'sdpa' (the exact path) here"
+                )
+            return requested_attention
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
+    ) -> str:
+        applicable = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
+        resolve_attention_function(applicable)  # refuse, now, an implementation MoD could not run
+        return applicable
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
+        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+        for module in self.modules():  # the attention function is chosen here, once, not on every call
+            if isinstance(module, MoDAttention):
+                module.attention_function = resolve_attention_function(module.config._attn_implementation)
+
 
 class MoDModel(MoDPreTrainedModel):
     def __init__(self, config: MoDConfig):
         super().__init__(config)
-        config.validate_routing()
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -686,6 +849,9 @@ class MoDModel(MoDPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -694,82 +860,85 @@ class MoDModel(MoDPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         output_router_decisions: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoDModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
+        r"""
+        output_router_logits (`bool`, *optional*):
+            Return `router_logits`, the raw `aux_loss` and `routed_fraction` (default: `config.output_router_logits`).
+        output_router_decisions (`bool`, *optional*):
+            Return all of the above and `router_decisions` (which tokens ran each layer).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if cache is None and past_key_values is not None:
-            cache = past_key_values
-        if kwargs.pop("output_attentions", False):
-            raise ValueError("MoD models use packed attention kernels and cannot return attention weights")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if kwargs.get("output_attentions"):
+            raise ValueError(_NO_ATTENTION_WEIGHTS)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        if cache is not None and not isinstance(cache, MoDCache):
+            raise TypeError(
+                f"MoD models keep a ragged per-layer cache of routed tokens and need a MoDCache, got a "
+                f"{type(cache).__name__}; pass no cache (one is created) or MoDCache(config=model.config)"
+            )
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            use_cache, cache = False, None  # a layer writing its cache must not be replayed by the backward pass
+            cache = None  # the layers drop it under checkpointing (a replayed layer would write twice), so must we
+        if use_cache and cache is None:
+            cache = MoDCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq = inputs_embeds.shape[:2]
-
-        if cache is not None and not isinstance(cache, MoDCache):
-            if cache.get_seq_length() > 0:
-                raise TypeError(
-                    f"MoD models need a MoDCache (ragged per-layer K/V), got a filled {type(cache).__name__}"
-                )
-            cache = MoDCache(self.config)  # an empty standard cache carries no state: swap it
-        if use_cache and cache is None:
-            cache = MoDCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
-
-        if attention_mask is None:
-            valid = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
-        elif attention_mask.dim() == 2:
-            if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch={batch}, past + {seq})"
-                )
-            valid = attention_mask[:, -seq:].bool().to(inputs_embeds.device)
-        else:
-            raise ValueError("MoD models take a 2D padding attention_mask of shape (batch, past + seq), not a 4D mask")
+        valid = self._valid_tokens(attention_mask, batch, seq)
 
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device).expand(batch, -1)
+            position_ids = torch.arange(past_length, past_length + seq, device=inputs_embeds.device).unsqueeze(0)
         elif position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-        position_ids = position_ids[:, -seq:]
-        cos, sin = self.rotary_emb(inputs_embeds, position_ids)
+            position_ids = position_ids.unsqueeze(0)
+        position_ids = position_ids[:, -seq:].expand(batch, -1)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        routings = []
-        for layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states, routing = layer(
-                hidden_states, valid, cos, sin, cache=cache, past_length=past_length, **kwargs
+        decisions = []
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states, decision = decoder_layer(
+                hidden_states, position_embeddings=position_embeddings, valid=valid, cache=cache, **kwargs
             )
-            routings.append(routing)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+            decisions.append(decision)
         if cache is not None:
-            cache.seen_tokens = past_length + seq
+            cache.advance(seq)
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
 
-        aux_terms = [r.aux_loss for r in routings if r.aux_loss is not None]
-        n_valid = valid.sum().clamp(min=1)
-        return MoDModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            aux_loss=torch.stack(aux_terms).sum() if aux_terms else None,
-            routed_fraction=torch.stack([r.mask.sum() / n_valid for r in routings]).detach(),
-            router_decisions=tuple(r.mask for r in routings) if output_router_decisions else None,
-            router_logits=tuple(r.logits for r in routings) if output_router_decisions else None,
-        )
+        output = MoDModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        if output_router_logits or output_router_decisions:
+            losses = [d.loss for d in decisions if d.loss is not None]
+            output.aux_loss = torch.stack(losses).sum() if losses else None
+            output.router_logits = tuple(d.logits for d in decisions if d.logits is not None)
+            n_valid = batch * seq if valid is None else valid.sum().clamp(min=1)
+            ones = hidden_states.new_ones((), dtype=torch.float32)
+            output.routed_fraction = torch.stack(
+                [ones if d.mask is None else d.mask.sum() / n_valid for d in decisions]
+            ).detach()
+        if output_router_decisions:
+            all_tokens = torch.ones(batch, seq, dtype=torch.bool, device=hidden_states.device)
+            output.router_decisions = tuple(all_tokens if d.mask is None else d.mask for d in decisions)
+        return output
+
+    @staticmethod
+    def _valid_tokens(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+        """`[batch, seq]` bool of the non-padding tokens of this call, or `None` when there is no padding."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError("MoD models take a 2D padding attention_mask of shape (batch, past + seq), not a 4D mask")
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] < seq:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch={batch}, past + {seq})"
+            )
+        valid = attention_mask[:, -seq:].bool()
+        if not is_torchdynamo_compiling() and bool(valid.all()):
+            return None  # no padding: unrouted layers run every token without gather or scatter
+        return valid
 
 
 class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
@@ -783,6 +952,8 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -793,28 +964,35 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         output_router_decisions: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> MoDCausalLMOutputWithPast | tuple:
-        outputs = self.model(
+    ) -> MoDCausalLMOutputWithPast:
+        r"""
+        With `labels`, `loss = lm_loss + config.router_aux_loss_coef * aux_loss` whenever a layer routes.
+
+        output_router_logits (`bool`, *optional*):
+            Return `router_logits`, the raw `aux_loss`, `lm_loss` and `routed_fraction` (default:
+            `config.output_router_logits`).
+        output_router_decisions (`bool`, *optional*):
+            Return all of the above and `router_decisions` (which tokens ran each layer).
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_outputs = bool(output_router_logits or output_router_decisions)
+        outputs: MoDModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_router_logits=router_outputs or labels is not None,  # the loss needs the routing objective
             output_router_decisions=output_router_decisions,
-            output_attentions=kwargs.pop("output_attentions", False),
+            return_dict=True,
+            **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
 
         loss = lm_loss = None
@@ -828,21 +1006,19 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
                     # The Trainer normalises the LM loss over the whole accumulated (and distributed) batch; weight
                     # this micro-batch's routing loss by its share of those tokens so accumulation keeps it as is.
                     aux_loss = aux_loss * (labels[..., 1:] != -100).sum() / num_items
-                loss = lm_loss + aux_loss
+                loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
 
-        output = MoDCausalLMOutputWithPast(
+        return MoDCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
-            lm_loss=lm_loss,
-            aux_loss=outputs.aux_loss,
-            routed_fraction=outputs.routed_fraction,
+            router_logits=outputs.router_logits if router_outputs else None,
+            aux_loss=outputs.aux_loss if router_outputs else None,
+            lm_loss=lm_loss if router_outputs else None,
+            routed_fraction=outputs.routed_fraction if router_outputs else None,
             router_decisions=outputs.router_decisions,
-            router_logits=outputs.router_logits,
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        return output if return_dict else output.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() would build a DynamicCache (dense [batch, heads, seq, dim] per layer); MoD needs its ragged one.
@@ -852,19 +1028,28 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported by MoD models, "
                     "which use their own ragged MoDCache"
                 )
-            model_kwargs["cache"] = MoDCache(self.config)
+            model_kwargs["cache"] = MoDCache(config=self.config)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def init_continuous_batching(self, *args, **kwargs):
+        # Continuous batching (generate_batch) stores K/V in a PagedAttentionCache: one block table for every layer,
+        # while a MoD layer caches only its routed tokens.
+        raise NotImplementedError(
+            "MoD models do not support continuous batching (generate_batch, PagedAttentionCache): each layer caches "
+            "only its routed tokens in a MoDCache; use generate()"
+        )
+
 
 __all__ = [
+    "MOD_ATTENTION_FUNCTIONS",
     "MoDCache",
     "MoDConfig",
     "MoDForCausalLM",
     "MoDModel",
     "MoDPreTrainedModel",
-    "packed_causal_attention",
-    "select_attention_backend",
+    "sdpa_packed_attention_forward",
+    "torch_varlen_attention_forward",
 ]
 
 

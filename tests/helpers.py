@@ -95,7 +95,7 @@ def reference_forward(model: MoDForCausalLM, input_ids, attention_mask=None, pos
                     top = cand[logits[bi, cand].argsort(descending=True)[:k]]
                     run[bi, top] = True
             else:
-                run = (sig >= cfg.threshold_for_layer(idx)) & valid
+                run = (sig >= layer.router.threshold) & valid
             if cfg.gate_mode == "scale":
                 gate = sig
         masks.append(run)
