@@ -40,6 +40,8 @@ def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--router-init-bias", type=float, default=2.0,
                        help="initial router logit (weights start at 0); 2.0 routes every token at p=0.5")
     group.add_argument("--load-loss-coef", type=float, default=0.01, help="alpha of the layer-load objective")
+    group.add_argument("--sink-tokens", type=int, default=0,
+                       help="the first N positions of every sequence run every routed layer (attention sinks)")
     group.add_argument("--load-loss-target", type=float, default=None,
                        help="target routed fraction per routed layer for the load objective (default: none, paper)")
 
@@ -53,6 +55,7 @@ def routing_kwargs(args: argparse.Namespace) -> dict:
         "router_init_bias": args.router_init_bias,
         "load_loss_coef": args.load_loss_coef,
         "load_loss_target": args.load_loss_target,
+        "routing_sink_tokens": args.sink_tokens,
     }
     if args.routed_layers is not None:
         kwargs["routed_layers"] = args.routed_layers
@@ -110,6 +113,27 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
           f"{record['measured_executed_fraction']:.3f}" + (f", held-out text {held:.3f}" if held is not None else ""))
 
 
+def _layers_or_auto(text: str) -> str | list[int]:
+    return "auto" if text == "auto" else _int_list(text)
+
+
+def _cmd_fit(args: argparse.Namespace) -> None:
+    from .fit import FitSettings, fit_checkpoint
+
+    settings = FitSettings(target=args.target, routed_layers=args.routed_layers, sink_tokens=args.sink_tokens,
+                           max_skip=args.max_skip, label_samples=args.label_samples)
+    record = fit_checkpoint(
+        args.model, args.out, args.data, settings, seq_len=args.seq_len, blocks_per_source=args.blocks_per_source,
+        held_out_fraction=args.held_out_fraction, text_field=args.text_field, split=args.split,
+        data_config=args.data_config, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    fit = record["fit"]
+    held = record.get("held_out_executed_fraction")
+    print(f"routed layers {fit['routed_layers']} (planned skip per layer {fit['planned_skip']}); executed fraction "
+          f"{record['measured_executed_fraction']:.3f} on calibration text"
+          + (f", {held:.3f} held out" if held is not None else "") + f" ({fit['seconds']:.0f} s); wrote {args.out}")
+
+
 def _cmd_fetch_corpus(args: argparse.Namespace) -> None:
     from .corpus import CORPUS_DESCRIPTION, fetch_corpus
 
@@ -152,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per device per step")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: routers 1e-3, lora 2e-4, full 3e-5)")
-    p.add_argument("--router-lr", type=float, default=1e-3, help="learning rate of the routers")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: routers 1e-4, lora 1e-4, full 3e-5)")
+    p.add_argument("--router-lr", type=float, default=1e-4, help="learning rate of the routers (default 1e-4)")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--load-loss-coef", type=float, default=None, help="alpha of the layer-load objective")
@@ -185,6 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-threshold", action="store_true", help="one threshold for all layers (default: per layer)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("fit", help="set routers from a few passes on calibration text (no training), to a budget")
+    p.add_argument("--model", required=True, help="MoD checkpoint (from `convert`): folder or Hub id")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--target", type=float, required=True, help="target executed fraction of token-layer work")
+    add_data_arguments(p)
+    p.add_argument("--routed-layers", type=_layers_or_auto, default="auto",
+                   help="'auto' (default): choose the layers from measured costs; or comma-separated layer indices")
+    p.add_argument("--sink-tokens", type=int, default=4, help="first positions that run every layer (default 4)")
+    p.add_argument("--max-skip", type=float, default=0.6,
+                   help="largest share of a layer's tokens its router may skip (default 0.6)")
+    p.add_argument("--label-samples", type=int, default=2, help="backward passes for the Fisher scores (default 2)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--blocks-per-source", type=int, default=4, help="blocks of --seq-len tokens from each --data")
+    p.add_argument("--held-out-fraction", type=float, default=0.25, help="share of blocks to check the result on")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("demo", help="the whole path offline: base model, convert, train, calibrate, eval, card")
     p.add_argument("--out", default="modification-demo", help="the Hub-ready checkpoint folder (default %(default)s)")

@@ -28,7 +28,7 @@ _COMMON_FIELDS = (
 
 ROUTING_FIELDS = (
     "router_kind", "routed_layers", "router_threshold", "topk_capacity", "gate_mode", "router_init_bias",
-    "load_loss_coef", "load_loss_target", "topk_aux_loss_coef",
+    "load_loss_coef", "load_loss_target", "topk_aux_loss_coef", "routing_sink_tokens",
 )
 
 

@@ -163,6 +163,7 @@ def routing_section(config) -> dict:
         "router_threshold": config.router_threshold,
         "gate_mode": config.gate_mode,
         "topk_capacity": config.topk_capacity,
+        "routing_sink_tokens": config.routing_sink_tokens,
         "calibration": config.calibration,
     }
 

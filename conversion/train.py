@@ -36,8 +36,12 @@ RECIPES = ("routers", "lora", "full")
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Learning rates per recipe: LoRA's usual 2e-4, the paper's 3e-5 for full fine-tuning; routers start from zero and
 # are tiny, so they get their own, larger rate in every recipe.
-DEFAULT_LEARNING_RATE = {"routers": 1e-3, "lora": 2e-4, "full": 3e-5}
-DEFAULT_ROUTER_LEARNING_RATE = 1e-3
+# Measured on SmolLM2-135M-Instruct (README, "Training defaults"): LoRA at 2e-4 with routers at 1e-2 and a load-loss
+# coefficient of 1.0 drove the executed fraction from 1.0 to 0.70 in two steps and wrecked the model (LM loss 6.6-7.4).
+# Starting from fitted routers (`modification fit`), routers only need to follow the LoRA-adapted layers slowly; the
+# load objective as a controller (`--target`, default: the fit's target) with alpha 0.01 holds the budget.
+DEFAULT_LEARNING_RATE = {"routers": 1e-4, "lora": 1e-4, "full": 3e-5}
+DEFAULT_ROUTER_LEARNING_RATE = 1e-4
 
 
 @dataclass
@@ -212,8 +216,12 @@ def train(
         model.set_attn_implementation(fastest_attn_implementation(torch.device("cuda")))
     if settings.load_loss_coef is not None:
         model.config.load_loss_coef = settings.load_loss_coef
+    fit = (model.config.calibration or {}).get("fit")
     if settings.target_executed_fraction is not None:
         model.config.load_loss_target = routed_fraction_for_target(model, settings.target_executed_fraction)
+    elif fit and fit.get("routed_layers") == model.config.routed_layers:
+        # fitted routers: hold each layer at the fraction the fit planned for it
+        model.config.load_loss_target = [1.0 - fit["planned_skip"][str(j)] for j in model.config.routed_layers]
     model.config.validate()
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
@@ -269,7 +277,9 @@ def train(
                 if save_adapter:
                     trainable.save_pretrained(tmp / "adapter")
                 final = trainable.merge_and_unload()
-            final.config.calibration = None  # thresholds measured before training no longer hold
+            # thresholds measured before training no longer hold; the fit's per-layer plan does (calibrate reuses it)
+            fit = (final.config.calibration or {}).get("fit")
+            final.config.calibration = {"fit": fit, "stale": True} if fit else None
             save_checkpoint(final, tmp, companions_from=folder)
             record = training_record(settings, model_path, trainer, result)
             if resume:

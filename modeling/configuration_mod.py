@@ -44,9 +44,15 @@ def _check_non_negative(value: float) -> None:
         raise ValueError(f"a loss coefficient must be >= 0, got {value}")
 
 
-def _check_target(value: float | None) -> None:
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"load_loss_target must lie in [0, 1] or be None, got {value}")
+def _check_target(value: float | list[float] | None) -> None:
+    for t in value if isinstance(value, list) else [value]:
+        if t is not None and not 0.0 <= t <= 1.0:
+            raise ValueError(f"load_loss_target must lie in [0, 1] (one value or one per routed layer) or be None, got {t}")
+
+
+def _check_sink_tokens(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"routing_sink_tokens must be an integer >= 0, got {value!r}")
 
 
 def _validated(default, *validators):
@@ -93,9 +99,14 @@ class MoDConfig(PreTrainedConfig):
             alpha of the layer-load objective `R = alpha * sum_j F_j * G_j` over routed layers (F_j: fraction of tokens
             routed, no gradient; G_j: mean gate, with gradient): the `router_aux_loss_coef` of `"threshold"` routing.
         load_loss_target (`float`, *optional*):
-            Our option: replace F_j by `F_j - target` so the objective pushes gates down while a layer routes more than
+            Our option (one value, or one per routed layer): replace F_j by `F_j - target_j` so the objective pushes gates down while a layer routes more than
             `target` of its tokens and up while it routes fewer; the routed fraction settles near the target instead
             of collapsing to all-dense or all-skipped.
+        routing_sink_tokens (`int`, defaults to 0):
+            Ours: the first `routing_sink_tokens` positions of every sequence (position ids below it) run every routed
+            layer whatever their router says. Pretrained LLMs park attention on the first tokens ("attention sinks");
+            a sink missing from a layer's K/V derails every later token there, so routers must never skip them.
+            `modification fit` sets 4.
         topk_aux_loss_coef (`float`, defaults to 0.01):
             Weight of the BCE loss that teaches the router logits to predict top-k membership: the
             `router_aux_loss_coef` of `"topk"` routing.
@@ -160,8 +171,9 @@ class MoDConfig(PreTrainedConfig):
     gate_mode: Literal["scale", "exact"] = "exact"
     router_init_bias: float | int = 2.0
     load_loss_coef: float | int = _validated(0.01, _check_non_negative)
-    load_loss_target: float | int | None = _validated(None, _check_target)
+    load_loss_target: float | int | list[float] | None = _validated(None, _check_target)
     topk_aux_loss_coef: float | int = _validated(0.01, _check_non_negative)
+    routing_sink_tokens: int = _validated(0, _check_sink_tokens)
     output_router_logits: bool = False
 
     # Provenance
@@ -226,6 +238,12 @@ class MoDConfig(PreTrainedConfig):
         _check_non_negative(self.load_loss_coef)
         _check_non_negative(self.topk_aux_loss_coef)
         _check_target(self.load_loss_target)
+        if isinstance(self.load_loss_target, list) and len(self.load_loss_target) != len(self.routed_layers):
+            raise ValueError(
+                f"load_loss_target is a list of {len(self.load_loss_target)} values but there are "
+                f"{len(self.routed_layers)} routed_layers; give one target per routed layer or a single float"
+            )
+        _check_sink_tokens(self.routing_sink_tokens)
 
 
 _NO_ATTENTION_WEIGHTS = (

@@ -683,8 +683,11 @@ class ThresholdRouter(MoDRouter):
         else:
             n_valid, probs_sum = valid.sum().clamp(min=1), (probs * valid).sum()
         routed = (mask.sum() / n_valid).detach()
-        if self.config.load_loss_target is not None:
-            routed = routed - self.config.load_loss_target
+        target = self.config.load_loss_target
+        if isinstance(target, list):
+            target = target[self.config.routed_layers.index(self.layer_idx)]
+        if target is not None:
+            routed = routed - target
         return RoutingDecision(mask=mask, gate=self.gate(logits), logits=logits, loss=routed * probs_sum / n_valid)
 
 
@@ -749,12 +752,15 @@ class MoDDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         valid: torch.Tensor | None = None,
         cache: MoDCache | None = None,
+        sinks: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, RoutingDecision]:
         batch, seq, hidden = hidden_states.shape
         past_length = cache.get_seq_length() if cache is not None else 0
         if self.has_router:
             decision = self.router(hidden_states, valid, has_past=past_length > 0)
+            if sinks is not None and decision.mask is not None:
+                decision.mask = decision.mask | sinks
         else:
             decision = RoutingDecision(mask=valid)
 
@@ -898,11 +904,19 @@ class MoDModel(MoDPreTrainedModel):
         position_ids = position_ids[:, -seq:].expand(batch, -1)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
+        # Attention sinks: the first positions run every routed layer (position ids count from each sequence's first
+        # real token, also under left padding), so no layer's K/V ever lacks them.
+        sinks = None
+        if self.config.routing_sink_tokens and self.config.router_kind != "dense":
+            sinks = position_ids < self.config.routing_sink_tokens
+            sinks = sinks if valid is None else sinks & valid
+
         hidden_states = inputs_embeds
         decisions = []
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states, decision = decoder_layer(
-                hidden_states, position_embeddings=position_embeddings, valid=valid, cache=cache, **kwargs
+                hidden_states, position_embeddings=position_embeddings, valid=valid, cache=cache, sinks=sinks,
+                **kwargs,
             )
             decisions.append(decision)
         if cache is not None:
