@@ -297,7 +297,8 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="prefill latency, decode tokens/s, KV bytes and peak memory, MoD vs base")
     p.add_argument("--model", required=True, help="MoD checkpoint: folder or Hub id")
     p.add_argument("--base", default=None,
-                   help="base model (folder or Hub id); default: the checkpoint's base_model_name_or_path if local")
+                   help="base model (folder, Hub id, or a name fetched with `modification fetch-base`); default: the "
+                        "checkpoint's base_model_name_or_path if local")
     p.add_argument("--lengths", type=_lengths, default=[1024, 4096], help="prefill context lengths (default 1024,4096)")
     p.add_argument("--repetitions", type=int, default=5, help="timed repetitions per measurement, after one warm-up")
     p.add_argument("--decode-batch-sizes", type=_lengths, default=[1, 4],

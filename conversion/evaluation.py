@@ -77,10 +77,12 @@ def load_models(
     Without `base`, the base is the checkpoint's `base_model_name_or_path` if that resolves on this machine (a folder,
     or a Hub id already in the local cache); otherwise the MoD model is evaluated alone.
     """
+    from .bases import base_path
+
     mod, folder = load_mod_model(model, dtype=dtype)
     mod = mod.to(device).eval()
     mod.set_attn_implementation(fastest_attn_implementation(device))
-    base_name = base if use_base else None
+    base_name = base_path(base) if use_base and base else None  # a fetched registry name -> its cached folder
     if use_base and base_name is None:
         base_name = local_base_model(mod.config.base_model_name_or_path)
         if base_name is None:
@@ -104,7 +106,9 @@ def load_models(
 
 
 def local_base_model(name: str | None) -> str | None:
-    """`name` if it is a local folder or a Hub id whose snapshot is in the local cache, else None (never downloads)."""
+    """`name` if it is a local folder or a Hub id whose snapshot is in the local cache; else the cached folder of a
+    base fetched with `modification fetch-base` whose Hub id (or registry name) is `name`; else None (never
+    downloads)."""
     if not name:
         return None
     if Path(name).is_dir():
@@ -114,7 +118,16 @@ def local_base_model(name: str | None) -> str | None:
 
         return snapshot_download(name, local_files_only=True)
     except Exception:  # not cached, or not a valid repo id
-        return None
+        pass
+    from .bases import KNOWN_BASES, BaseNotFetchedError, base_path
+
+    for registry_name, known in KNOWN_BASES.items():
+        if name in (registry_name, known.hub_id):
+            try:
+                return base_path(registry_name)
+            except BaseNotFetchedError:
+                return None
+    return None
 
 
 def load_tokenizer(folder: Path, base_name: str | None = None):
@@ -400,7 +413,8 @@ def add_eval_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="MoD checkpoint: folder or Hub id")
     p.add_argument("--base", default=None,
-                   help="base model (folder or Hub id); default: the checkpoint's base_model_name_or_path if local")
+                   help="base model (folder, Hub id, or a name fetched with `modification fetch-base`); default: the "
+                        "checkpoint's base_model_name_or_path if local")
     p.add_argument("--no-base", action="store_true", help="evaluate the MoD model alone")
     add_data_arguments(p, required=False, default_split="test")
     p.add_argument("--context-lengths", type=_int_list, default=[1024],

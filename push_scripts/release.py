@@ -1,17 +1,25 @@
 """`modification release`: build and publish members of the release manifest, one `modification` command per step.
 
 The manifest (`releases.yaml` beside this file by default) lists the family: for each member its base model, routing
-settings, training recipe and data, calibration target, evaluation data and target repo. A member's release is the
-chain
+settings, router fit, training recipe and data, calibration target, evaluation data and target repo. A member's
+release is the chain
 
-    convert -> train -> calibrate -> eval -> push
+    convert -> fit -> train -> calibrate -> eval -> card -> push
 
 where each step is the command line `modification <step> ...` built from the manifest and run as a subprocess (a fresh
 process per step frees GPU memory between them). Each step reads the previous step's output folder under
-`<work_dir>/<member>/`; `train`, `calibrate` and `eval` are left out for a member whose section is null. `--steps`
-runs a subset (to resume), with the same folders. Steps are looked up by name in the `modification` parser, so a
-command that does not exist in this version fails before anything runs, and `--dry-run` prints the whole plan (every
-command, and the files the push would upload) without running anything.
+`<work_dir>/<member>/`; `train`, `calibrate` and `eval` are left out for a member whose section is null, `fit` and
+`card` unless the member has a section for them (`fit: {...}`, `card: {}`). `--steps` runs a subset (to resume), with
+the same folders. Steps are looked up by name in the `modification` parser, so a command that does not exist in this
+version fails before anything runs, and `--dry-run` prints the whole plan (every command, and the files the push
+would upload) without running anything. `push: {dry_run: true}` makes the push step verify and list the upload
+without sending it (no token needed).
+
+Data can name the project's offline texts symbolically: `texts:<kind>/<split>` (kind shakespeare, kjv or gcide; split
+train or held_out, see `conversion/texts.py`). Before the steps run, the texts are prepared (`prepare_texts`) and
+linked as `<work_dir>/<member>/texts/<kind>-<split>.txt`; the commands take those files, so results and cards name the
+text `<kind>-<split>.txt` and no local cache path is written into the manifest or the numbers. A base named by a
+registry name (`base: smollm2-135m-instruct`) is fetched (`modification fetch-base`) before the steps run.
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ from modification.conversion.checkpoint import is_hub_id
 
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "releases.yaml"
-STEPS = ("convert", "train", "calibrate", "eval", "push")
-OPTIONAL_STEPS = ("train", "calibrate", "eval")
+STEPS = ("convert", "fit", "train", "calibrate", "eval", "card", "push")
+OPTIONAL_STEPS = ("fit", "train", "calibrate", "eval", "card")
+# `data` entries of this form name the project's offline texts (conversion/texts.py) instead of a path
+TEXT_REF_PREFIX = "texts:"
+TEXT_SPLITS = ("train", "held_out")
 RECIPES = ("routers", "lora", "full")
 # manifest routing key -> `modification convert` flag
 ROUTING_FLAGS = {
@@ -41,11 +52,14 @@ ROUTING_FLAGS = {
 }
 SECTION_KEYS = {
     "convert": ("dtype", "revision", "extra_args"),
+    "fit": ("target", "data", "seq_len", "blocks_per_source", "routed_layers", "sink_tokens", "max_skip",
+            "label_samples", "extra_args"),
     "train": ("recipe", "data", "steps", "seq_len", "batch_size", "lr", "router_lr", "target", "load_loss_coef",
               "extra_args"),
     "calibrate": ("target", "data", "seq_len", "extra_args"),
     "eval": ("data", "tasks", "context_lengths", "extra_args"),
-    "push": ("private", "revision", "create_pr", "extra_args"),
+    "card": ("extra_args",),
+    "push": ("private", "revision", "create_pr", "dry_run", "extra_args"),
 }
 MEMBER_KEYS = ("base", "base_model", "repo_id", "license", "routing", *SECTION_KEYS)
 # The files a push of a finished member uploads, for the plan printed before the checkpoint exists.
@@ -74,6 +88,8 @@ class Member:
     base: str
     repo_id: str
     steps: list[Step] = field(default_factory=list)
+    # symbolic texts the steps read: kind -> split -> the file the commands name (linked before the steps run)
+    texts: dict[str, dict[str, Path]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,6 +126,25 @@ def _str_list(value: Any, field_name: str) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
         _fail(field_name, f"must be a string or a non-empty list of strings, got {value!r}")
     return value
+
+
+def _data(value: Any, field_name: str, member: Member, folder: Path) -> list[str]:
+    """A `data` list as command-line arguments: `texts:<kind>/<split>` becomes the member's link to that text."""
+    from modification.conversion.texts import TEXT_KINDS
+
+    args = []
+    for item in _str_list(value, field_name):
+        if not item.startswith(TEXT_REF_PREFIX):
+            args.append(item)
+            continue
+        kind, _, split = item[len(TEXT_REF_PREFIX):].partition("/")
+        if kind not in TEXT_KINDS or split not in TEXT_SPLITS:
+            _fail(field_name, f"{item!r}: texts are named texts:<kind>/<split> with kind one of "
+                              f"{', '.join(TEXT_KINDS)} and split one of {', '.join(TEXT_SPLITS)}")
+        path = folder / "texts" / f"{kind}-{split}.txt"
+        member.texts.setdefault(kind, {})[split] = path
+        args.append(str(path))
+    return args
 
 
 def _check_keys(section: dict, allowed: tuple[str, ...], field_name: str) -> None:
@@ -217,13 +252,34 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
             argv += [f"--{key}", _str(convert[key], f"{where}.convert.{key}")]
     member.steps.append(Step(name, "convert", argv + _extra(convert, f"{where}.convert")))
 
+    fit = _section(spec, "fit", where)
+    if fit is not None:
+        out = folder / "fitted"
+        argv = ["fit", "--model", str(current), "--out", str(out),
+                "--target", _number(fit.get("target"), f"{where}.fit.target"),
+                "--data", *_data(fit.get("data"), f"{where}.fit.data", member, folder)]
+        layers = fit.get("routed_layers")
+        if layers is not None:
+            if layers == "auto":
+                argv += ["--routed-layers", "auto"]
+            elif isinstance(layers, list) and layers and all(isinstance(j, int) for j in layers):
+                argv += ["--routed-layers", ",".join(str(j) for j in layers)]
+            else:
+                _fail(f"{where}.fit.routed_layers", f"must be auto or a list of layer indices, got {layers!r}")
+        for key in ("seq_len", "blocks_per_source", "sink_tokens", "max_skip", "label_samples"):
+            if fit.get(key) is not None:
+                argv += ["--" + key.replace("_", "-"), _number(fit[key], f"{where}.fit.{key}")]
+        member.steps.append(Step(name, "fit", argv + _extra(fit, f"{where}.fit")))
+        current = out
+
     train = _section(spec, "train", where)
     if train is not None:
         recipe = train.get("recipe")
         if recipe not in RECIPES:
             _fail(f"{where}.train.recipe", f"must be one of {', '.join(RECIPES)}, got {recipe!r}")
         out = folder / "trained"
-        argv = ["train", "--model", str(current), "--data", *_str_list(train.get("data"), f"{where}.train.data"),
+        argv = ["train", "--model", str(current),
+                "--data", *_data(train.get("data"), f"{where}.train.data", member, folder),
                 "--out", str(out), "--recipe", recipe]
         for key in ("steps", "seq_len", "batch_size", "lr", "router_lr", "target", "load_loss_coef"):
             if train.get(key) is not None:
@@ -236,7 +292,8 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
         out = folder / "calibrated"
         argv = ["calibrate", "--model", str(current),
                 "--target", _number(calibrate.get("target"), f"{where}.calibrate.target"),
-                "--data", *_str_list(calibrate.get("data"), f"{where}.calibrate.data"), "--out", str(out)]
+                "--data", *_data(calibrate.get("data"), f"{where}.calibrate.data", member, folder),
+                "--out", str(out)]
         # calibrate on sequences as long as the training ones unless told otherwise
         seq_len = calibrate.get("seq_len") or (train or {}).get("seq_len")
         if seq_len is not None:
@@ -248,7 +305,7 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
     if evaluation is not None:
         # eval writes results.json into the checkpoint folder it measures, where push and the card read it
         argv = ["eval", "--model", str(current), "--base", base,
-                "--data", *_str_list(evaluation.get("data"), f"{where}.eval.data")]
+                "--data", *_data(evaluation.get("data"), f"{where}.eval.data", member, folder)]
         if evaluation.get("tasks") is not None:
             argv += ["--tasks", ",".join(_str_list(evaluation["tasks"], f"{where}.eval.tasks"))]
         if evaluation.get("context_lengths") is not None:
@@ -257,16 +314,24 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
             argv += ["--context-lengths", ",".join(_number(n, f"{where}.eval.context_lengths") for n in lengths)]
         member.steps.append(Step(name, "eval", argv + _extra(evaluation, f"{where}.eval")))
 
-    push = _section(spec, "push", where) or {}
-    argv = ["push", "--checkpoint", str(current), "--repo-id", repo_id]
+    # The card and the push name the base by its Hub id and state the licence.
+    card_args = []
     base_model = spec.get("base_model") or (base if is_hub_id(base) else None)
     if base_model:
-        argv += ["--base-model", _str(base_model, f"{where}.base_model")]
+        card_args += ["--base-model", _str(base_model, f"{where}.base_model")]
     if spec.get("license") is not None:
-        argv += ["--license", _str(spec["license"], f"{where}.license")]
+        card_args += ["--license", _str(spec["license"], f"{where}.license")]
+
+    card = _section(spec, "card", where)
+    if card is not None:  # the card is written into the checkpoint folder, where push reads and checks it
+        argv = ["card", "--checkpoint", str(current), "--repo-id", repo_id, "--overwrite", *card_args]
+        member.steps.append(Step(name, "card", argv + _extra(card, f"{where}.card")))
+
+    push = _section(spec, "push", where) or {}
+    argv = ["push", "--checkpoint", str(current), "--repo-id", repo_id, *card_args]
     if push.get("revision") is not None:
         argv += ["--revision", _str(push["revision"], f"{where}.push.revision")]
-    for key in ("private", "create_pr"):
+    for key in ("private", "create_pr", "dry_run"):
         if push.get(key) not in (None, False, True):
             _fail(f"{where}.push.{key}", f"must be true or false, got {push.get(key)!r}")
         if push.get(key):
@@ -321,6 +386,22 @@ def describe_push(step: Step) -> list[str]:
     return lines
 
 
+def prepare_member_inputs(member: Member) -> None:
+    """Fetch a base named by its registry name and link the member's symbolic texts into its work folder."""
+    from modification.conversion.bases import KNOWN_BASES, fetch_base
+
+    if member.base in KNOWN_BASES and not Path(member.base).exists():
+        fetch_base(member.base)  # at once when it is cached
+    if member.texts:
+        from modification.conversion.demo import stage_texts
+        from modification.conversion.texts import prepare_texts
+
+        prepared = prepare_texts(sorted(member.texts))  # a missing Debian package: an error naming its install
+        for kind, splits in member.texts.items():
+            for split, link in splits.items():  # links named as the plan names them
+                stage_texts({kind: {split: prepared[kind][split]}}, link.parent)
+
+
 def format_plan(members: list[Member], steps: tuple[str, ...], available: set[str]) -> str:
     lines = []
     for member in members:
@@ -363,10 +444,13 @@ def run_release(
             f"{', '.join('`modification ' + m + '`' for m in missing)} (it has {', '.join(sorted(available))}); "
             "nothing was run. Use --steps to run the others"
         )
-    if any(s.name == "push" for s in to_run):
+    if any(s.name == "push" and "--dry-run" not in s.argv for s in to_run):
         from .push import require_token
 
         require_token()  # hours of training should not end in "no token"
+    for member in members:
+        if any(s.member == member.name for s in to_run):
+            prepare_member_inputs(member)
     for step in to_run:
         print(f"==> [{step.member}] {step.command()}", flush=True)
         result = subprocess.run([sys.executable, "-m", "modification.conversion.cli", *step.argv])

@@ -1,5 +1,7 @@
-"""`modification release`: the manifest, the exact command lines of each step, dry runs, and a demo release run
-through convert and push (to the loopback Hub stub) with the steps that exist in this version."""
+"""`modification release`: the manifest, the exact command lines of each step, dry runs, a demo release run
+through convert and push (to the loopback Hub stub) with the steps that exist in this version, and a CPU release with
+fitted routers, symbolic texts, a card and a dry-run push (the chain of the smollm2-135m-instruct member, on a tiny
+model)."""
 
 import re
 
@@ -9,8 +11,14 @@ from helpers import save_base
 from hub_stub import HubStub
 from publish_helpers import isolate_hub
 
+from modification.conversion.cli import build_parser
 from modification.conversion.cli import main as cli
 from modification.push_scripts.release import DEFAULT_MANIFEST, STEPS, load_manifest, plan_release
+
+
+# The steps of a member without `fit` and `card` sections (the GPU members), and of the CPU member.
+CLASSIC_STEPS = ["convert", "train", "calibrate", "eval", "push"]
+CPU_MEMBER = "smollm2-135m-instruct"
 
 
 def _write_manifest(tmp_path, base, **member_overrides) -> str:
@@ -42,7 +50,7 @@ def test_each_step_gets_the_exact_command_line(tmp_path):
     manifest = _write_manifest(tmp_path, "/models/tiny-base", license="mit")
     [member] = plan_release(load_manifest(manifest), ["demo"])
     w = str(tmp_path / "work" / "demo")
-    assert [s.name for s in member.steps] == list(STEPS)
+    assert [s.name for s in member.steps] == CLASSIC_STEPS
     assert [s.argv for s in member.steps] == [
         ["convert", "--base", "/models/tiny-base", "--out", f"{w}/converted", "--router-kind", "threshold",
          "--routed-layers", "1,3", "--threshold", "0.5,0.6", "--gate-mode", "exact"],
@@ -68,9 +76,13 @@ def test_shipped_manifest_plans_every_member_in_a_dry_run(capsys):
     manifest = load_manifest(DEFAULT_MANIFEST)
     members = plan_release(manifest, None)
     assert len(members) >= 2 and len({m.repo_id for m in members}) == len(members)
+    parser = build_parser()
     for member in members:
-        assert [s.name for s in member.steps] == list(STEPS), member.name
+        expected = ["convert", "fit", "eval", "card", "push"] if member.name == CPU_MEMBER else CLASSIC_STEPS
+        assert [s.name for s in member.steps] == expected, member.name
         assert "--license" in member.steps[-1].argv and "--base-model" in member.steps[-1].argv
+        for step in member.steps:
+            parser.parse_args(step.argv)  # every planned command line is one this version's parser takes
     assert cli(["release", "--all", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("modification push --checkpoint") == len(members)
@@ -165,3 +177,88 @@ def test_full_release_chain_runs_every_step_to_the_loopback_hub(tmp_path, monkey
     [row] = results["quality"]["perplexity"]
     card = files["README.md"].decode()
     assert f"{row['mod']:.6g}" in card and f"{row['base']:.6g}" in card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CPU member: fit, symbolic texts, card, dry-run push.
+
+
+def test_cpu_member_fits_on_symbolic_texts_and_dry_runs_the_push():
+    [member] = plan_release(load_manifest(DEFAULT_MANIFEST), [CPU_MEMBER], work_dir="work")
+    steps = {s.name: s.argv for s in member.steps}
+    w = f"work/{CPU_MEMBER}"
+    assert steps["convert"][:5] == ["convert", "--base", "smollm2-135m-instruct", "--out", f"{w}/converted"]
+    assert steps["convert"][-2:] == ["--dtype", "float32"]
+    fit = steps["fit"]
+    assert fit[:7] == ["fit", "--model", f"{w}/converted", "--out", f"{w}/fitted", "--target", "0.8"]
+    data = fit[fit.index("--data") + 1: fit.index("--seq-len")]
+    assert data == [f"{w}/texts/{kind}-train.txt" for kind in ("shakespeare", "kjv", "gcide")]
+    args = build_parser().parse_args(fit)
+    assert args.func.__name__ == "_cmd_fit" and args.target == 0.8 and args.routed_layers == "auto"
+    evaluation = steps["eval"]
+    assert evaluation[:5] == ["eval", "--model", f"{w}/fitted", "--base", "smollm2-135m-instruct"]
+    assert [a for a in evaluation if a.endswith(".txt")] == [
+        f"{w}/texts/{kind}-held_out.txt" for kind in ("shakespeare", "kjv", "gcide")]
+    assert "--tasks" not in evaluation and evaluation[evaluation.index("--context-lengths") + 1] == "512"
+    assert steps["card"] == ["card", "--checkpoint", f"{w}/fitted", "--repo-id", member.repo_id, "--overwrite",
+                             "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--license", "apache-2.0"]
+    assert steps["push"][:3] == ["push", "--checkpoint", f"{w}/fitted"] and steps["push"][-1] == "--dry-run"
+    # no local path in the manifest: every text is linked into the member's folder before the steps run
+    assert {k: sorted(v) for k, v in member.texts.items()} == {
+        k: ["held_out", "train"] for k in ("shakespeare", "kjv", "gcide")}
+    for step in member.steps:
+        assert not any(a.startswith(("/", "~")) for a in step.argv), step.argv
+
+
+@pytest.mark.parametrize("fit,message", [
+    ({"target": 0.8, "data": ["texts:poetry/train"]}, "members.demo.fit.data: 'texts:poetry/train': texts are named"),
+    ({"target": 0.8, "data": ["texts:kjv/test"]}, "members.demo.fit.data: 'texts:kjv/test'"),
+    ({"target": 0.8, "data": ["a.txt"], "routed_layers": "some"}, "members.demo.fit.routed_layers: must be auto"),
+    ({"target": 0.8, "data": ["a.txt"], "steps": 3}, "members.demo.fit: unknown key(s) steps"),
+    ({"data": ["a.txt"]}, "members.demo.fit.target: must be a number"),
+])
+def test_fit_section_mistakes_name_the_field(tmp_path, capsys, fit, message):
+    manifest = _write_manifest(tmp_path, "org/base", fit=fit)
+    assert cli(["release", "--manifest", manifest, "--members", "demo", "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cpu_release_chain_with_fit_card_and_dry_run_push(tmp_path, monkeypatch, capfd):
+    """convert -> fit -> eval -> card -> push --dry-run, each a subprocess, on a tiny model; the texts are named
+    symbolically and linked in by the release (here to small stand-ins), and no token is needed."""
+    import json
+
+    import modification.conversion.texts as texts
+    from helpers import text_mod_checkpoint
+
+    _, train_txt, held_txt = text_mod_checkpoint(tmp_path / "model")
+    base = tmp_path / "model" / "base"
+    kinds = ("shakespeare", "kjv")
+    monkeypatch.setattr(texts, "prepare_texts", lambda wanted: {
+        kind: {"train": train_txt, "held_out": held_txt} for kind in wanted})
+    manifest = _write_manifest(
+        tmp_path, base, license="mit", train=None, calibrate=None, card={},
+        fit={"target": 0.8, "data": [f"texts:{k}/train" for k in kinds], "seq_len": 64, "blocks_per_source": 4},
+        eval={"data": [f"texts:{k}/held_out" for k in kinds], "tasks": None, "context_lengths": [128],
+              "extra_args": ["--max-tokens", "1500"]},
+        push={"dry_run": True},
+    )
+    isolate_hub(monkeypatch, tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli(["release", "--manifest", manifest, "--members", "demo"]) == 0
+    out = capfd.readouterr().out  # the steps' own output: they run in subprocesses
+    assert "dry run: nothing was uploaded" in out
+    fitted = tmp_path / "work" / "demo" / "fitted"
+    for kind in kinds:
+        assert (tmp_path / "work" / "demo" / "texts" / f"{kind}-held_out.txt").read_text() == held_txt.read_text()
+    results = json.loads((fitted / "results.json").read_text())
+    assert [r["dataset"] for r in results["quality"]["perplexity"]] == [f"{k}-held_out.txt" for k in kinds]
+    calibration = results["routing"]["calibration"]
+    assert calibration["data"] == [f"{k}-train.txt" for k in kinds] and calibration["target_executed_fraction"] == 0.8
+    assert abs(results["efficiency"]["executed_fraction"] - 0.8) < 0.1
+    card = (fitted / "README.md").read_text()
+    assert "license: mit" in card and "base_model: test-org/tiny-llama" in card
+    for row in results["quality"]["perplexity"]:
+        assert f"{row['mod']:.6g}" in card and f"{row['base']:.6g}" in card
