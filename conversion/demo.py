@@ -231,12 +231,13 @@ def _chat_inputs(tokenizer, prompt: str) -> torch.Tensor:
 
 @torch.no_grad()
 def chat_side_by_side(base_folder: str, mod_folder: str | Path, prompts: tuple[str, ...] | list[str],
-                      max_new_tokens: int = 48) -> list[dict]:
+                      max_new_tokens: int = 48, on_row=None) -> list[dict]:
     """Greedy answers of the base and of the MoD checkpoint (loaded as users load it, with `trust_remote_code`) to
-    each prompt, and the share of token-layer work the MoD model ran on each answer."""
+    each prompt, and the share of token-layer work the MoD model ran on each answer; `on_row` is called with each
+    row as soon as it is there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(mod_folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(mod_folder), trust_remote_code=True)  # as from the Hub
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
     mod = AutoModelForCausalLM.from_pretrained(str(mod_folder), dtype=torch.float32, trust_remote_code=True).eval()
     greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -252,20 +253,22 @@ def chat_side_by_side(base_folder: str, mod_folder: str | Path, prompts: tuple[s
                 routed = mod(input_ids=out, use_cache=False, output_router_decisions=True).router_decisions
                 row["mod_executed_fraction"] = float(torch.stack([d.float().mean() for d in routed]).mean())
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
-def print_chat(rows: list[dict], width: int = 50) -> None:
-    for row in rows:
-        _say(f"\n  > {row['prompt']}")
-        left = textwrap.wrap(row["base"], width) or [""]
-        right = textwrap.wrap(row["mod"], width) or [""]
-        _say(f"  {'base':<{width}}  | MoD (executed fraction {row['mod_executed_fraction']:.2f})")
-        _say(f"  {'-' * width}  | {'-' * width}")
-        for i in range(max(len(left), len(right))):
-            a = left[i] if i < len(left) else ""
-            b = right[i] if i < len(right) else ""
-            _say(f"  {a:<{width}}  | {b}")
+def print_chat_row(row: dict, width: int = 50) -> None:
+    """One prompt, then the two answers in columns."""
+    _say(f"\n  > {row['prompt']}")
+    left = textwrap.wrap(row["base"], width) or [""]
+    right = textwrap.wrap(row["mod"], width) or [""]
+    _say(f"  {'base':<{width}}  | MoD (executed fraction {row['mod_executed_fraction']:.2f})")
+    _say(f"  {'-' * width}  | {'-' * width}")
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ""
+        b = right[i] if i < len(right) else ""
+        _say(f"  {a:<{width}}  | {b}".rstrip())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -298,8 +301,8 @@ def _run_step(step: DemoStep, main, base: DemoBase, out: Path, settings: DemoSet
         _say(f"\n[chat] base and MoD answer {len(settings.chat_prompts)} prompts (chat template, greedy, at most "
              f"{settings.chat_max_new_tokens} new tokens); the MoD model loads from {_shown(out)} with "
              "trust_remote_code=True, as from the Hub")
-        chat.extend(chat_side_by_side(base.folder, out, settings.chat_prompts, settings.chat_max_new_tokens))
-        print_chat(chat)
+        chat.extend(chat_side_by_side(base.folder, out, settings.chat_prompts, settings.chat_max_new_tokens,
+                                      on_row=print_chat_row))
     else:
         _say(f"\n$ modification {' '.join(step.argv)}")
         code = main(list(step.argv))
