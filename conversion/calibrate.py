@@ -61,12 +61,6 @@ def _collect(model: MoDForCausalLM, batches: Sequence[dict]) -> tuple[list[torch
     return [torch.cat(x) if x else torch.empty(0) for x in logits], routed / max(total, 1)
 
 
-def collect_router_logits(model: MoDForCausalLM, batches: Sequence[dict]) -> dict[int, torch.Tensor]:
-    """The router logits of every routed layer on `batches` (valid tokens, sinks left out)."""
-    logits, _ = _collect(model, batches)
-    return {j: logits[j] for j in model.config.routed_layers}
-
-
 def executed_fraction(routed_fraction: torch.Tensor) -> float:
     """Mean over layers of the routed fraction: the share of token-layer work that ran."""
     return float(routed_fraction.mean())

@@ -14,12 +14,14 @@ What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/result
    Gaussian-ranked score on its RMS-normalised input (exactly what `MoDRouter.score` computes).
 3. **Attention sinks**: the first `sink_tokens` positions run every layer (`routing_sink_tokens`); skipping them cost
    more than all other choices together (random routing of 8 layers: 80 -> 67 perplexity with 4 sinks kept).
-4. **How much each layer skips**: each candidate layer's cost is measured again with its fitted router at
-   `max_skip` (one forward pass each); the budget goes to the layers with the lowest cost per unit of compute saved,
-   each up to `max_skip`, or to skipping a layer whole (but its sinks) where that is measured cheaper per unit.
-5. **Thresholds**: calibrated layer by layer in order, with earlier layers already routing, to the allocated
-   fractions (`calibrate.calibrate_thresholds` with per-layer targets); the threshold is folded into the router bias,
-   so every routed layer keeps `p = 0.5` and gates are centred on the decision boundary for any later training.
+4. **Where the budget goes**: costs of skipping tokens in several layers compound while deleting layers compounds
+   less, so three plans are built from the ranked layers, calibrated and measured whole on the calibration text, and
+   the best is kept: token routing (each of the cheapest layers skips up to `max_skip` of its tokens), whole layers
+   (the cheapest layers skipped by every token but the sinks, a fractional rest routed), and a mix of the two.
+5. **Thresholds**: calibrated layer by layer in order, with earlier layers already routing, to the planned fractions
+   (`calibrate.calibrate_thresholds` with per-layer targets); `fit_checkpoint` then folds each threshold into its
+   router bias, so every routed layer keeps `p = 0.5` and gates are centred on the decision boundary for any later
+   training.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class FitSettings:
     sink_tokens: int = 4
     """The first positions of every sequence run every layer (attention sinks)."""
     max_skip: float = 0.6
-    """The largest share of a layer's tokens its router may skip (a layer may still be skipped whole, but its sinks,
-    where that measures cheaper per unit of compute)."""
+    """The largest share of a layer's tokens its router may skip in the token-routing plans (the whole-layer plan skips
+    layers whole, but their sinks)."""
     ruinous_factor: float = 4.0
     """A layer whose removal costs more than this times the median layer's is never routed."""
     label_samples: int = 2

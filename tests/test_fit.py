@@ -100,9 +100,9 @@ def test_recalibration_keeps_the_fit_plan(tiny_fitted):
         assert abs((1.0 - fractions[int(j)]) - skip) < 1e-6
     # a smaller budget scales every layer's skipped share by the same factor
     more = planned_fractions(model.config, 0.85)
-    if more is not None:
-        ratios = {round((1 - more[int(j)]) / s, 6) for j, s in record.planned_skip.items() if s > 0}
-        assert len(ratios) == 1
+    assert more is not None, "a smaller budget can always be scaled down from the plan"
+    ratios = {round((1 - more[int(j)]) / s, 6) for j, s in record.planned_skip.items() if s > 0}
+    assert ratios == {round(0.15 / 0.2, 6)}
 
 
 def test_with_routed_layers_keeps_the_weights():
@@ -159,6 +159,6 @@ def test_fitted_routers_reach_the_budget_on_held_out_text_of_the_real_base():
     worst = sorted(range(len(costs)), key=lambda j: -costs[j])[:3]
     assert not set(worst) & set(record.routed_layers), (worst, record.routed_layers)
     assert 0 not in record.routed_layers and 29 not in record.routed_layers
-    # quality: the fitted model loses less than deleting the same compute would at random (a weak, fast check)
+    # quality (a loose bound): the fitted model at 0.9 loses less than 0.5 nats per token against the dense model
     dense_loss = mean_loss(model, held_batches)
     assert mean_loss(fitted, held_batches) - dense_loss < 0.5
