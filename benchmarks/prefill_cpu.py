@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modification.conversion.benchmark import run_benchmark
+from modification.evaluation.benchmark import run_benchmark
 from modification.conversion.convert import convert_model
 
 
@@ -49,10 +49,10 @@ def main() -> None:
         "model": {"hidden_size": config.hidden_size, "layers": n_layers, "routed_layers": mod.config.routed_layers,
                   "parameters": sum(p.numel() for p in base.parameters())},
         "vs_transformers_llama": run_benchmark(
-            mod, base, lengths, args.repetitions, decode_batch_sizes=(), target_executed_fraction=target
+            mod, base, lengths, args.repetitions, decode_batch_sizes=(), executed_fraction=target
         ),
         "vs_same_code_dense": run_benchmark(
-            mod, dense, lengths, args.repetitions, decode_batch_sizes=(), target_executed_fraction=target
+            mod, dense, lengths, args.repetitions, decode_batch_sizes=(), executed_fraction=target
         ),
     }
     out = Path(args.out)

@@ -74,7 +74,7 @@ def held_out_blocks(path: Path, tokenizer, n_blocks: int, seq_len: int):
 
 
 def word_examples(path: Path, tokenizer, n: int, seed: int = 0) -> list[dict]:
-    from modification.conversion.texts import _clean_boundary, last_word_examples
+    from modification.evaluation.last_word import _clean_boundary, last_word_examples
 
     pool = [e for e in last_word_examples(path.read_text(), None, seed=seed) if _clean_boundary(tokenizer, e)]
     rng = random.Random(seed)
@@ -85,7 +85,7 @@ def evaluate(model, tokenizer, data: dict, n_layers_base: int, is_mod: bool) -> 
     """Per text: perplexity, executed fraction (token-weighted over the held-out blocks), last-word accuracy."""
     import torch
 
-    from modification.conversion.texts import last_word_accuracy
+    from modification.evaluation.last_word import last_word_accuracy
 
     model.eval()
     out = {}
@@ -166,8 +166,8 @@ def train_blocks(settings, tokenizer):
     """The training set `train()` builds for these settings (same blocks, same order), for the plain-peft run."""
     from modification.conversion.data import load_blocks, mix_blocks, split_blocks
 
-    blocks = load_blocks(settings.data, tokenizer, settings.seq_len, settings.text_field, settings.dataset_split,
-                         settings.dataset_config, settings.max_tokens_per_source, progress=False)
+    blocks = load_blocks(settings.data, tokenizer, settings.seq_len, settings.text_field, settings.split,
+                         settings.data_config, settings.max_tokens_per_source, progress=False)
     train, _ = split_blocks(blocks, settings.eval_fraction)
     return mix_blocks(train, settings.data_weights, None, seed=settings.seed)
 
@@ -180,7 +180,8 @@ def lora_heal(model, settings, tokenizer, workdir: Path):
     from transformers import Trainer, TrainingArguments
 
     from modification.conversion.data import PackedBlocks
-    from modification.conversion.train import DEFAULT_LEARNING_RATE, LORA_TARGET_MODULES
+    from modification.conversion.settings import DEFAULT_LEARNING_RATE
+    from modification.conversion.train import LORA_TARGET_MODULES
 
     lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules=LORA_TARGET_MODULES, task_type="CAUSAL_LM")
@@ -212,7 +213,8 @@ def copy_routers(src, dst, layers) -> None:
 def run_trained(recipe: str, model, base_dir: Path, workdir: Path, name: str, settings_kwargs: dict):
     """Save `model`, train it with `recipe`, load the result; returns (model, seconds, final train loss, log)."""
     from modification.conversion.checkpoint import load_mod_model, save_checkpoint
-    from modification.conversion.train import TrainSettings, train
+    from modification.conversion.settings import TrainSettings
+    from modification.conversion.train import train
 
     src, out = workdir / f"{name}-in", workdir / f"{name}-out"
     for p in (src, out, workdir / f"{name}-out-checkpoints"):
@@ -242,6 +244,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads or 1)
     torch.manual_seed(0)
     from modification.conversion import fit as fitmod
+    from modification.conversion.settings import FitSettings
     from modification.conversion.bases import fetch_base
     from modification.conversion.calibrate import calibrate_thresholds, planned_fractions, routed_fraction_for_target
     from modification.conversion.convert import convert_model
@@ -383,7 +386,7 @@ def measure(args) -> dict:
                 fitted, rec, plan, fractions = state[f]
             elif need_fit:
                 start = time.perf_counter()
-                fitted, rec = fitmod.fit_routers(mod0, calib, fitmod.FitSettings(target=f), progress=False)
+                fitted, rec = fitmod.fit_routers(mod0, calib, FitSettings(executed_fraction=f), progress=False)
                 fitmod.fold_thresholds_into_biases(fitted)
                 fit_seconds = time.perf_counter() - start
                 plan = {int(j): s for j, s in rec.planned_skip.items()}
@@ -487,7 +490,7 @@ def measure(args) -> dict:
                 keep = torch.cat([torch.arange(b["input_ids"].shape[1]) >= 4 for b in calib])
                 for j in layers:
                     fitmod.fit_router_weights(tk.model.layers[j].router, inputs[j], scores[j], keep,
-                                              fitmod.FitSettings().ridge, fitmod.FitSettings().logit_scale)
+                                              FitSettings().ridge, FitSettings().logit_scale)
                 tk.config.calibration = None
                 trained, train_s, history = run_trained("routers", tk, base_dir, workdir, f"topk-{f}", train_kwargs)
                 log(f"topk trained in {train_s:.0f} s: {history[-1] if history else ''}")

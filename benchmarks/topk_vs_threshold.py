@@ -36,9 +36,10 @@ from modification.conversion.calibrate import calibrate_checkpoint, calibrate_th
 from modification.conversion.convert import convert_checkpoint
 from modification.conversion.corpus import CORPUS_DESCRIPTION, corpus_files, corpus_splits
 from modification.conversion.data import load_blocks
-from modification.conversion.demo import DemoBaseSettings, pretrain_base
-from modification.conversion.evaluation import evaluate_perplexity, tokenize_texts
-from modification.conversion.train import TrainSettings, train
+from modification.conversion.corpus import DemoBaseSettings, pretrain_base
+from modification.evaluation.quality import evaluate_perplexity, tokenize_texts
+from modification.conversion.settings import CalibrateSettings, TrainSettings
+from modification.conversion.train import train
 from modification.modeling import MoDForCausalLM
 
 
@@ -105,13 +106,15 @@ def main() -> None:
             recipe=args.recipe, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
             router_learning_rate=args.router_lr, data=data, save_steps=args.steps, logging_steps=10,
             load_loss_coef=args.load_loss_coef,
-            target_executed_fraction=args.target if spec["convert"]["router_kind"] == "threshold" else None,
+            executed_fraction=args.target if spec["convert"]["router_kind"] == "threshold" else None,
         )
         trained = train(str(folder / "converted"), folder / "trained", settings, progress=False)
         final = trained
         if spec["calibrate"]:
-            calibrate_checkpoint(str(trained), args.target, data, out=str(folder / "calibrated"),
-                                 seq_len=args.seq_len, max_blocks=64, held_out_fraction=0.0, progress=False)
+            calibrate_checkpoint(str(trained), CalibrateSettings(executed_fraction=args.target, data=data,
+                                                                 seq_len=args.seq_len, max_blocks=64,
+                                                                 held_out_fraction=0.0),
+                                 out=str(folder / "calibrated"), progress=False)
             final = folder / "calibrated"
         model = MoDForCausalLM.from_pretrained(final).eval()
         result = perplexity(model, base, stream, args.context)
@@ -143,7 +146,7 @@ def main() -> None:
             recipe="routers", steps=args.bistability_steps, seq_len=args.seq_len, batch_size=args.batch_size,
             router_learning_rate=args.router_lr, data=data, save_steps=args.bistability_steps, logging_steps=5,
             load_loss_coef=args.load_loss_coef if alpha == "target" else alpha,
-            target_executed_fraction=args.target if alpha == "target" else None,
+            executed_fraction=args.target if alpha == "target" else None,
         )
         folder = work / "bistability" / label.replace(" ", "_").replace(",", "")
         convert_checkpoint(str(base_dir), folder / "converted", router_kind="threshold", gate_mode="exact")

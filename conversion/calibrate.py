@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from modification.modeling import MoDForCausalLM
 
+from .settings import CalibrateSettings
+
 
 def routed_fraction_for_target(model: MoDForCausalLM, target: float) -> float:
     """The per-routed-layer fraction r that gives an executed fraction `target` for the whole model."""
@@ -187,21 +189,14 @@ def planned_fractions(config, target: float) -> dict[int, float] | None:
 
 def calibrate_checkpoint(
     model_path: str,
-    target: float,
-    data: list[str],
+    settings: CalibrateSettings,
     out: str | None = None,
-    seq_len: int = 512,
-    max_blocks: int = 16,
-    held_out_fraction: float = 0.25,
-    per_layer: bool = True,
-    text_field: str = "text",
-    split: str = "train",
-    data_config: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Calibrate a checkpoint's thresholds to an executed-fraction `target` on `data`; write it to `out` (default:
-    replace the input folder). A share of the blocks is held out and the fraction measured there is recorded too."""
+    """Calibrate a checkpoint's thresholds to `settings.executed_fraction` on `settings.data`; write it to `out`
+    (default: replace the input folder). A share of the blocks is held out and the fraction measured there is
+    recorded too."""
     from transformers import AutoTokenizer
 
     from .checkpoint import atomic_output_dir, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
@@ -215,13 +210,17 @@ def calibrate_checkpoint(
     dest = Path(out) if out is not None else folder
     if out is not None and dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
+    seq_len, target, per_layer = settings.seq_len, settings.executed_fraction, not settings.global_threshold
+    if not settings.data:
+        raise ValueError("calibrate needs calibration text (--data)")
     if seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
-    blocks = load_blocks(data, tokenizer, seq_len, text_field=text_field, split=split, dataset_config=data_config,
-                         max_tokens_per_source=max_blocks * seq_len, progress=progress)
-    blocks = torch.cat(blocks)[:max_blocks]
-    calib, held_out = split_blocks([blocks], held_out_fraction)
+    blocks = load_blocks(settings.data, tokenizer, seq_len, text_field=settings.text_field, split=settings.split,
+                         dataset_config=settings.data_config, max_tokens_per_source=settings.max_blocks * seq_len,
+                         progress=progress)
+    blocks = torch.cat(blocks)[:settings.max_blocks]
+    calib, held_out = split_blocks([blocks], settings.held_out_fraction)
     model, _ = load_mod_model(str(folder))
     batches = [{"input_ids": b[None]} for b in calib[0]]
     fractions = planned_fractions(model.config, target) if per_layer else None
@@ -231,7 +230,7 @@ def calibrate_checkpoint(
         _, routed = _collect(model, [{"input_ids": b[None]} for b in held_out[0]])
         record["held_out_executed_fraction"] = round(executed_fraction(routed), 6)
         record["held_out_tokens"] = int(held_out[0].numel())
-    record["data"] = [Path(d).name if Path(d).exists() else d for d in data]  # no local paths in a published config
+    record["data"] = [Path(d).name if Path(d).exists() else d for d in settings.data]  # no local paths in a published config
     fit = (read_mod_config(folder).calibration or {}).get("fit")
     if fit:
         record["fit"] = fit

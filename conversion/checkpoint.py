@@ -6,6 +6,7 @@ import contextlib
 import filecmp
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -72,9 +73,13 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         shutil.rmtree(old, ignore_errors=True)
 
 
+# A Hub repo id, `org/name`: the one definition every module uses.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def is_hub_id(name: str) -> bool:
-    """True for `org/name`-style ids that are not an existing local path."""
-    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/"))
+    """True for `org/name` repo ids that are not an existing local path."""
+    return bool(HUB_ID.match(name)) and not Path(name).exists()
 
 
 def stale_code_files(folder: str | os.PathLike) -> list[str]:

@@ -12,7 +12,7 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 
 from modification.modeling import MoDConfig, MoDForCausalLM
-from modification.modeling.configuration_mod import SUPPORTED_BASE_MODEL_TYPES
+from modification.modeling.configuration_mod import ROUTING_FIELDS, SUPPORTED_BASE_MODEL_TYPES
 
 from .bases import base_hub_id, base_path
 from .checkpoint import LICENSE_FILES, TOKENIZER_FILES, atomic_output_dir, save_checkpoint
@@ -26,10 +26,6 @@ _COMMON_FIELDS = (
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
 )
 
-ROUTING_FIELDS = (
-    "router_kind", "routed_layers", "router_threshold", "topk_capacity", "gate_mode", "router_init_bias",
-    "load_loss_coef", "load_loss_target", "topk_aux_loss_coef", "routing_sink_tokens",
-)
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -10,13 +10,18 @@ Everything after that runs offline.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from transformers import PreTrainedTokenizerFast
 
@@ -121,3 +126,87 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedT
         tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
         padding_side="left",
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The toy base (not the demo's path): a 6-layer Llama trained here on the corpus, kept for
+# `benchmarks/topk_vs_threshold.py`, whose published numbers were measured on it.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoBaseSettings:
+    """The toy base model and its pretraining (the cache key: change any field and it is trained anew)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 688
+    max_position_embeddings: int = 2048
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 300
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+TOY_BASE_CARD = """---
+license: apache-2.0
+library_name: transformers
+tags: [llama, demo]
+---
+# MoDification toy base model
+
+A small Llama-architecture model trained from scratch on {corpus}.
+"""
+
+
+def pretrain_base(settings: DemoBaseSettings, progress: bool = True) -> Path:
+    """Train (or reuse from the cache) the toy base model: BPE tokenizer + LlamaForCausalLM on the training works."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments
+
+    from .checkpoint import atomic_output_dir
+    from .data import PackedBlocks, load_blocks
+
+    folder = cache_dir() / "demo" / f"base-{settings.key()}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    train_files, _ = corpus_files()
+    texts = [f.read_text(encoding="utf-8") for f in train_files]
+    tokenizer = train_tokenizer(texts, vocab_size=settings.vocab_size)
+    blocks = torch.cat(load_blocks([str(f) for f in train_files], tokenizer, settings.seq_len, progress=progress))
+    torch.manual_seed(settings.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
+        num_key_value_heads=settings.num_kv_heads, max_position_embeddings=settings.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        args = TrainingArguments(
+            output_dir=str(tmp / "trainer"), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_steps=settings.steps // 20,
+            weight_decay=0.1, logging_steps=max(1, settings.steps // 20), save_strategy="no", report_to=[],
+            use_cpu=not torch.cuda.is_available(), seed=settings.seed, disable_tqdm=not progress,
+            dataloader_drop_last=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=PackedBlocks(blocks))
+        if not progress:
+            trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(TOY_BASE_CARD.format(corpus=CORPUS_DESCRIPTION))
+        (tmp / "pretraining.json").write_text(json.dumps(
+            {"settings": asdict(settings), "log": trainer.state.log_history, "tokens": settings.steps *
+             settings.batch_size * settings.seq_len}, indent=1) + "\n")
+    return folder

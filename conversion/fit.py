@@ -12,7 +12,7 @@ What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/result
    on held-out text); the Fisher score is predictable (Spearman 0.22) and beats random routing. "How little the layer
    changes the token" is what a router fits best, but keeps the wrong tokens. Each router is a ridge regression of the
    Gaussian-ranked score on its RMS-normalised input (exactly what `MoDRouter.score` computes).
-3. **Attention sinks**: the first `sink_tokens` positions run every layer (`routing_sink_tokens`); skipping them cost
+3. **Attention sinks**: the first `routing_sink_tokens` positions run every layer (`routing_sink_tokens`); skipping them cost
    more than all other choices together (random routing of 8 layers: 80 -> 67 perplexity with 4 sinks kept).
 4. **Where the budget goes**: costs of skipping tokens in several layers compound while deleting layers compounds
    less, so three plans are built from the ranked layers, calibrated and measured whole on the calibration text, and
@@ -37,30 +37,7 @@ from tqdm.auto import tqdm
 
 from modification.modeling import MoDConfig, MoDForCausalLM
 
-
-
-@dataclass
-class FitSettings:
-    """How `fit_routers` sets routers (`modification fit` has a flag for each)."""
-
-    target: float = 0.8
-    """Executed fraction of token-layer work to reach (1.0 = dense)."""
-    routed_layers: str | list[int] = "auto"
-    """"auto": choose from measurement; or the layer indices to route (the budget is still spread by cost)."""
-    sink_tokens: int = 4
-    """The first positions of every sequence run every layer (attention sinks)."""
-    max_skip: float = 0.6
-    """The largest share of a layer's tokens its router may skip in the token-routing plans (the whole-layer plan skips
-    layers whole, but their sinks)."""
-    ruinous_factor: float = 4.0
-    """A layer whose removal costs more than this times the median layer's is never routed."""
-    label_samples: int = 2
-    """Backward passes with labels drawn from the model's own predictions (the Fisher score)."""
-    ridge: float = 1e-3
-    """Ridge penalty of the router regression, relative to the number of tokens."""
-    logit_scale: float = 2.0
-    """Standard deviation of the fitted router logits on calibration text (gates spread around the threshold)."""
-
+from .settings import FitSettings, data_fields
 
 @dataclass
 class FitRecord:
@@ -242,15 +219,16 @@ def with_routed_layers(model: MoDForCausalLM, layers: list[int], **routing) -> M
 def fit_routers(
     model: MoDForCausalLM, batches: Sequence[dict], settings: FitSettings, progress: bool = True
 ) -> tuple[MoDForCausalLM, FitRecord]:
-    """Route `model` to `settings.target` executed fraction from measurements on `batches` (see the module docstring).
+    """Route `model` to the executed fraction `settings.executed_fraction` from measurements on `batches` (see the
+    module docstring).
 
     Returns a model (a new one: its routed layers may change) with fitted routers and calibrated thresholds, and the
     record of what was measured.
     """
 
     start = time.perf_counter()
-    if not 0.0 < settings.target <= 1.0:
-        raise ValueError(f"target executed fraction must lie in (0, 1], got {settings.target}")
+    if not 0.0 < settings.executed_fraction <= 1.0:
+        raise ValueError(f"executed_fraction must lie in (0, 1], got {settings.executed_fraction}")
     if not 0.0 < settings.max_skip <= 1.0:
         raise ValueError(f"max_skip must lie in (0, 1], got {settings.max_skip}")
     if model.config.router_kind != "threshold":
@@ -259,12 +237,12 @@ def fit_routers(
     if not batches:
         raise ValueError("fitting routers needs at least one batch of calibration text")
     n_layers = model.config.num_hidden_layers
-    model = with_routed_layers(model, list(range(n_layers)), routing_sink_tokens=settings.sink_tokens)
+    model = with_routed_layers(model, list(range(n_layers)), routing_sink_tokens=settings.routing_sink_tokens)
     for layer in model.model.layers:  # every token runs while measuring
         layer.router.weight.data.zero_()
         layer.router.bias.data.fill_(30.0)
 
-    costs = layer_removal_costs(model, batches, settings.sink_tokens, progress=progress)
+    costs = layer_removal_costs(model, batches, settings.routing_sink_tokens, progress=progress)
     ordered = sorted(costs)
     median = ordered[len(ordered) // 2]
     if settings.routed_layers == "auto":
@@ -274,11 +252,11 @@ def fit_routers(
         bad = [j for j in candidates if not 0 <= j < n_layers]
         if bad:
             raise ValueError(f"routed layers {bad} do not exist: the model has {n_layers} layers")
-    budget = (1.0 - settings.target) * n_layers
-    record = FitRecord(settings=asdict(settings), layer_removal_cost=[round(c, 5) for c in costs], routed_layers=[],
+    budget = (1.0 - settings.executed_fraction) * n_layers
+    record = FitRecord(settings=fit_settings_record(settings), layer_removal_cost=[round(c, 5) for c in costs], routed_layers=[],
                        planned_skip={}, calibration_tokens=sum(int(b["input_ids"].numel()) for b in batches))
     if budget <= 1e-9:
-        model = with_routed_layers(model, [], routing_sink_tokens=settings.sink_tokens)
+        model = with_routed_layers(model, [], routing_sink_tokens=settings.routing_sink_tokens)
         record.seconds = round(time.perf_counter() - start, 1)
         return model, record
 
@@ -287,12 +265,13 @@ def fit_routers(
     needed = math.ceil(budget / settings.max_skip)
     if needed > len(ranked):
         raise ValueError(
-            f"the target executed fraction {settings.target} needs {budget:.2f} layers' worth of skipped work, more "
-            f"than {len(ranked)} routable layers at max_skip={settings.max_skip} give; raise the target or max_skip"
+            f"executed_fraction {settings.executed_fraction} needs {budget:.2f} layers' worth of skipped work, more "
+            f"than {len(ranked)} routable layers at max_skip={settings.max_skip} give; raise executed_fraction or "
+            "max_skip"
         )
     fitted_layers = sorted(ranked[: min(len(ranked), 2 * needed)])
     inputs, scores = fisher_scores(model, batches, fitted_layers, samples=settings.label_samples)
-    keep = torch.cat([~_sink_mask(b, settings.sink_tokens).reshape(-1) for b in batches])
+    keep = torch.cat([~_sink_mask(b, settings.routing_sink_tokens).reshape(-1) for b in batches])
     fitted: dict[int, torch.Tensor] = {}
     for j in tqdm(fitted_layers, desc="fitting routers", disable=not progress):
         router = model.model.layers[j].router
@@ -367,7 +346,7 @@ def _routed_model(
     """A model routing the layers of `plan` with the fitted routers, thresholds calibrated layer by layer."""
     from .calibrate import calibrate_thresholds
 
-    new = with_routed_layers(model, sorted(plan), routing_sink_tokens=settings.sink_tokens)
+    new = with_routed_layers(model, sorted(plan), routing_sink_tokens=settings.routing_sink_tokens)
     with torch.no_grad():
         for j in plan:
             router = new.model.layers[j].router
@@ -408,21 +387,20 @@ def calibration_batches(
     return as_batches(calib), as_batches(held)
 
 
+def fit_settings_record(settings: FitSettings) -> dict:
+    """The settings as the fit record stores them: the data sources are recorded apart, by name."""
+    return {k: v for k, v in asdict(settings).items() if k not in data_fields()}
+
+
 def fit_checkpoint(
     model_path: str,
     out: str | Path,
-    data: list[str],
     settings: FitSettings,
-    seq_len: int = 512,
-    blocks_per_source: int = 4,
-    held_out_fraction: float = 0.25,
-    text_field: str = "text",
-    split: str = "train",
-    data_config: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Fit a MoD checkpoint's routers to `settings.target` on `data` and write the routed checkpoint to `out`.
+    """Fit a MoD checkpoint's routers to `settings.executed_fraction` on `settings.data` and write the routed
+    checkpoint to `out`.
 
     Returns the calibration record (with the fit record under `"fit"`, and the executed fraction measured on the
     held-out blocks)."""
@@ -437,11 +415,15 @@ def fit_checkpoint(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
+    if not settings.data:
+        raise ValueError("fit needs calibration text (--data)")
+    if settings.seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={settings.seq_len} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)  # config: no custom-code prompt
-    calib, held = calibration_batches(data, tokenizer, seq_len, blocks_per_source, held_out_fraction, text_field,
-                                      split, data_config, progress)
+    calib, held = calibration_batches(settings.data, tokenizer, settings.seq_len, settings.blocks_per_source,
+                                      settings.held_out_fraction, settings.text_field, settings.split,
+                                      settings.data_config, progress)
     model, _ = load_mod_model(str(folder), dtype=torch.float32)
     model, record = fit_routers(model, calib, settings, progress=progress)
     fold_thresholds_into_biases(model)
@@ -450,7 +432,7 @@ def fit_checkpoint(
         _, routed = _collect(model, held)
         calibration["held_out_executed_fraction"] = round(executed_fraction(routed), 6)
         calibration["held_out_tokens"] = int(sum(b["input_ids"].numel() for b in held))
-    calibration["data"] = [Path(d).name if Path(d).exists() else d for d in data]
+    calibration["data"] = [Path(d).name if Path(d).exists() else d for d in settings.data]
     model.config.calibration = calibration
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_checkpoint(model, tmp, companions_from=folder)

@@ -9,8 +9,7 @@ Schema (version 1):
     {
       "schema_version": 1,
       "model": {"name_or_path": str, "base_model": str | null, "base_model_type": str | null},
-      "routing": {"router_kind": str, "routed_layers": [int], "router_threshold": float | [float],
-                  "gate_mode": str, "topk_capacity": float, "calibration": dict | null},
+      "routing": {<every MoDConfig routing field (ROUTING_FIELDS)>: its value, "calibration": dict | null},
       "training": null | {"recipe": str, "data": [str], "steps": int, "sequence_length": int,
                           "learning_rate": float, "tokens": int, ...},
       "quality": {
@@ -156,16 +155,11 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 def routing_section(config) -> dict:
-    """The `routing` section of the results, read from a MoDConfig."""
-    return {
-        "router_kind": config.router_kind,
-        "routed_layers": list(config.routed_layers),
-        "router_threshold": config.router_threshold,
-        "gate_mode": config.gate_mode,
-        "topk_capacity": config.topk_capacity,
-        "routing_sink_tokens": config.routing_sink_tokens,
-        "calibration": config.calibration,
-    }
+    """The `routing` section of the results: every routing field of the MoDConfig (`ROUTING_FIELDS`), and what
+    calibration and fitting measured."""
+    from modification.modeling.configuration_mod import ROUTING_FIELDS
+
+    return {**{name: getattr(config, name) for name in ROUTING_FIELDS}, "calibration": config.calibration}
 
 
 def update_results(

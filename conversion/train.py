@@ -2,7 +2,7 @@
 
 The loss is the model's own: LM loss plus the routing objective (layer-load objective for threshold routing, BCE for
 top-k). Per-layer routed fractions and mean gates are logged from the first step, because the layer-load objective is
-bistable (too weak and the model stays dense, too strong and every gate shuts); `target_executed_fraction` turns it
+bistable (too weak and the model stays dense, too strong and every gate shuts); `executed_fraction` turns it
 into a controller that settles at a compute budget (see `MoDConfig.load_loss_target`).
 """
 
@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,70 +26,20 @@ from .calibrate import routed_fraction_for_target
 from .checkpoint import (
     atomic_output_dir, fastest_attn_implementation, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint,
 )
-from .data import DataError, PackedBlocks, load_blocks, mix_blocks, split_blocks
+from .data import PackedBlocks, load_blocks, mix_blocks, split_blocks
 from .results import RESULTS_FILENAME, update_results
+from .settings import DEFAULT_LEARNING_RATE, TrainSettings
 
 
 logger = logging.getLogger(__name__)
 
-RECIPES = ("routers", "lora", "full")
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Learning rates per recipe: LoRA's usual 2e-4, the paper's 3e-5 for full fine-tuning; routers start from zero and
-# are tiny, so they get their own, larger rate in every recipe.
-# Measured on SmolLM2-135M-Instruct (README, "Training defaults"): LoRA at 2e-4 with routers at 1e-2 and a load-loss
-# coefficient of 1.0 drove the executed fraction from 1.0 to 0.70 in two steps and wrecked the model (LM loss 6.6-7.4).
-# Starting from fitted routers (`modification fit`), routers only need to follow the LoRA-adapted layers slowly; the
-# load objective as a controller (`--target`, default: the fit's target) with alpha 0.01 holds the budget.
-DEFAULT_LEARNING_RATE = {"routers": 1e-4, "lora": 1e-4, "full": 3e-5}
-DEFAULT_ROUTER_LEARNING_RATE = 1e-4
-
-
-@dataclass
-class TrainSettings:
-    """What `modification train` does; every field has a command-line flag of the same name."""
-
-    recipe: str = "lora"
-    steps: int = 200
-    seq_len: int = 512
-    batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float | None = None
-    router_learning_rate: float = DEFAULT_ROUTER_LEARNING_RATE
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    load_loss_coef: float | None = None
-    target_executed_fraction: float | None = None
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    save_steps: int = 100
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    eval_fraction: float = 0.0
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    fsdp: bool = False
-    data_weights: list[float] | None = None
-    text_field: str = "text"
-    dataset_split: str = "train"
-    dataset_config: str | None = None
-    max_tokens_per_source: int | None = None
-    data: list[str] = field(default_factory=list)
-
-    def validate(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.data:
-            raise DataError("no training data given (--data)")
 
 
 class RoutingStatsTrainer(Trainer):
     """A Trainer that logs per-layer routed fractions and mean gates, and gives routers their own learning rate."""
 
-    def __init__(self, *args, router_learning_rate: float = DEFAULT_ROUTER_LEARNING_RATE, **kwargs):
+    def __init__(self, *args, router_learning_rate: float = 1e-4, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_learning_rate = router_learning_rate
         self._stats: dict[str, float] = {}
@@ -203,8 +153,8 @@ def train(
 
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    blocks = load_blocks(settings.data, tokenizer, settings.seq_len, settings.text_field, settings.dataset_split,
-                         settings.dataset_config, settings.max_tokens_per_source, progress=progress)
+    blocks = load_blocks(settings.data, tokenizer, settings.seq_len, settings.text_field, settings.split,
+                         settings.data_config, settings.max_tokens_per_source, progress=progress)
     train_blocks, eval_blocks = split_blocks(blocks, settings.eval_fraction)
     needed = settings.steps * settings.batch_size * settings.grad_accum * world
     train_set = mix_blocks(train_blocks, settings.data_weights, needed if settings.data_weights else None,
@@ -217,8 +167,8 @@ def train(
     if settings.load_loss_coef is not None:
         model.config.load_loss_coef = settings.load_loss_coef
     fit = (model.config.calibration or {}).get("fit")
-    if settings.target_executed_fraction is not None:
-        model.config.load_loss_target = routed_fraction_for_target(model, settings.target_executed_fraction)
+    if settings.executed_fraction is not None:
+        model.config.load_loss_target = routed_fraction_for_target(model, settings.executed_fraction)
     elif fit and fit.get("routed_layers") == model.config.routed_layers:
         # fitted routers: hold each layer at the fraction the fit planned for it
         model.config.load_loss_target = [1.0 - fit["planned_skip"][str(j)] for j in model.config.routed_layers]

@@ -18,8 +18,10 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from modification.conversion.checkpoint import CheckpointError, is_hub_id, read_mod_config
-from modification.conversion.results import RESULTS_FILENAME, load_results
+from modification.conversion.checkpoint import HUB_ID, CheckpointError, is_hub_id, read_mod_config
+from modification.conversion.results import RESULTS_FILENAME, load_results, routing_section
+from modification.conversion.settings import RECIPES
+from modification.modeling.configuration_mod import ROUTING_FIELDS
 
 
 logger = logging.getLogger(__name__)
@@ -29,16 +31,20 @@ CARD_FILENAME = "README.md"
 REQUIRED_TAGS = ("mixture-of-depths", "custom_code")
 CARD_TAGS = (*REQUIRED_TAGS, "modification")
 PIPELINE_TAG = "text-generation"
-# The routing fields a results JSON must share with config.json for its numbers to describe this checkpoint.
-ROUTING_KEYS = ("router_kind", "routed_layers", "router_threshold", "gate_mode")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 UNKNOWN_LICENSE = {"license": "other", "license_name": "unknown"}
-
-RECIPES = {
-    "routers": "only the routers were trained; every base weight is unchanged",
-    "lora": "routers plus LoRA adapters (merged into the weights)",
-    "full": "all weights were trained",
+# How the card explains some routing values (the fields themselves, and their help, are MoDConfig's).
+ROUTING_VALUE_TEXT = {
+    ("router_kind", "threshold"): "threshold (MoDification: a token runs a routed layer iff sigmoid(router(x)) >= p)",
+    ("router_kind", "topk"): "topk (original MoD: top-k tokens per sequence in prefill, sigmoid(router(x)) >= p when "
+                             "decoding)",
+    ("router_kind", "dense"): "dense (no routing: every token runs every layer)",
+    ("gate_mode", "exact"): "exact (a routed token's sub-layer output is added unscaled; the gate only trains the "
+                            "router)",
+    ("gate_mode", "scale"): "scale (the paper's h + g * Attn(h), a + g * MLP(a))",
 }
+# Routing fields that only one router kind reads: the card says so next to them for the other kinds.
+ROUTING_FIELD_KIND = {"topk_capacity": "topk", "topk_aux_loss_coef": "topk", "load_loss_coef": "threshold",
+                      "load_loss_target": "threshold"}
 
 
 def fmt(value: Any) -> str:
@@ -168,7 +174,9 @@ def _eval_key(result: EvalResult) -> tuple:
 def check_results_match_config(results: dict, config) -> None:
     """Raise a `CheckpointError` if the results were measured with other routing settings than config.json's."""
     routing = results["routing"]
-    for key in ROUTING_KEYS:
+    for key in ROUTING_FIELDS:
+        if key not in routing:  # written before the field existed: the config's default held then
+            continue
         theirs, ours = routing.get(key), getattr(config, key)
         if key == "router_threshold" and isinstance(theirs, (int, float)) and not isinstance(ours, list):
             theirs, ours = float(theirs), float(ours)
@@ -180,22 +188,21 @@ def check_results_match_config(results: dict, config) -> None:
 
 
 def _routing_rows(routing: dict) -> list[tuple[str, str]]:
+    """One row per routing field (`ROUTING_FIELDS`, in declaration order), then the calibration record."""
     kind = routing["router_kind"]
-    rows = [("router kind", {
-        "threshold": "threshold (MoDification: a token runs a routed layer iff sigmoid(router(x)) >= p)",
-        "topk": "topk (original MoD: top-k tokens per sequence in prefill, sigmoid(router(x)) >= p when decoding)",
-        "dense": "dense (no routing: every token runs every layer)",
-    }.get(kind, kind))]
-    rows.append(("routed layers", _cell(routing["routed_layers"]) + " (the other layers run every token)"))
-    threshold = routing["router_threshold"]
-    rows.append(("threshold p", _cell(threshold) + (" (one per routed layer)" if isinstance(threshold, list)
-                                                    else " (every routed layer)")))
-    rows.append(("gate mode", {
-        "exact": "exact (a routed token's sub-layer output is added unscaled; the gate only trains the router)",
-        "scale": "scale (the paper's h + g * Attn(h), a + g * MLP(a))",
-    }.get(routing["gate_mode"], routing["gate_mode"])))
-    if kind == "topk" and "topk_capacity" in routing:
-        rows.append(("top-k capacity", _cell(routing["topk_capacity"])))
+    rows = []
+    for name in ROUTING_FIELDS:
+        if name not in routing:
+            continue
+        value = routing[name]
+        text = ROUTING_VALUE_TEXT.get((name, value), _cell(value))
+        if name == "routed_layers":
+            text += " (the other layers run every token)"
+        elif name == "router_threshold":
+            text += " (one per routed layer)" if isinstance(value, list) else " (every routed layer)"
+        if ROUTING_FIELD_KIND.get(name, kind) != kind:
+            text += f" (read by {ROUTING_FIELD_KIND[name]} routing only)"
+        rows.append((f"{name.replace('_', ' ')} (`{name}`)", text))
     calibration = routing.get("calibration")
     if calibration:
         parts = [f"{k.replace('_', ' ')} {_cell(v)}" for k, v in calibration.items()]
@@ -223,11 +230,7 @@ def _hardware_line(hardware: dict) -> str:
 
 def card_context(config, results: dict | None) -> dict:
     """Everything the template prints, as strings and rows of strings (the template only lays them out)."""
-    routing = results["routing"] if results else {
-        "router_kind": config.router_kind, "routed_layers": list(config.routed_layers),
-        "router_threshold": config.router_threshold, "gate_mode": config.gate_mode,
-        "topk_capacity": config.topk_capacity, "calibration": config.calibration,
-    }
+    routing = results["routing"] if results else routing_section(config)
     ctx: dict[str, Any] = {
         "has_results": results is not None,
         "routing_rows": _routing_rows(routing),
@@ -286,7 +289,7 @@ def base_model_id(config, results: dict | None, base_model: str | None = None) -
     """The base model's Hub id for the card: given, else from the results or config when it is a Hub id."""
     candidates = [base_model, (results or {}).get("model", {}).get("base_model"), config.base_model_name_or_path]
     for candidate in candidates:
-        if candidate and HUB_ID.match(candidate) and not Path(candidate).exists():
+        if candidate and is_hub_id(candidate):
             return candidate
     return None
 

@@ -3,7 +3,8 @@
 This file is copied into every MoD checkpoint: it imports only transformers (and, through it, torch).
 """
 
-from dataclasses import field
+import textwrap
+from dataclasses import MISSING, field
 from typing import Literal
 
 # The `@strict` decorator of every transformers 5 config (huggingface_hub's), imported through transformers so that this
@@ -55,11 +56,14 @@ def _check_sink_tokens(value: int) -> None:
         raise ValueError(f"routing_sink_tokens must be an integer >= 0, got {value!r}")
 
 
-def _validated(default, *validators):
-    """A config field whose validators run whenever it is set (as huggingface_hub's `validated_field`)."""
+def routing_field(default, help: str, *validators):
+    """A routing field: its validators run whenever it is set (as huggingface_hub's `validated_field`), and its `help`
+    is the one description every other surface derives from (the `modification convert` flags, the release manifest,
+    the results and model card, this class's docstring)."""
+    metadata = {"validator": list(validators), "help": help, "routing": True}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"validator": list(validators)})
-    return field(default=default, metadata={"validator": list(validators)})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @strict
@@ -70,46 +74,13 @@ class MoDConfig(PreTrainedConfig):
     The architecture fields are those of [`LlamaConfig`] plus `attention_out_bias` (Qwen2 has biases on q/k/v but
     not on o) and `qk_norm` (Qwen3's per-head RMSNorm on queries and keys). Like every transformers 5 config it is a
     strict dataclass: a bad value raises (`StrictDataclassFieldValidationError`, naming the field) when it is set, and
-    the checks across fields (`validate_routing`) run on construction and on `save_pretrained`. The routing fields are:
+    the checks across fields (`validate_routing`) run on construction and on `save_pretrained`.
+
+    The routing fields (`ROUTING_FIELDS`) are declared once, below, with their help text; the `Routing fields`
+    section of this docstring, the `modification convert` flags, the release manifest keys and the results/model-card
+    routing section are all derived from those declarations.
 
     Args:
-        router_kind (`str`, defaults to `"threshold"`):
-            `"threshold"`: MoDification's causal threshold-p operator: a token runs a routed layer iff its gate
-            `g = sigmoid(router(x))` satisfies `g >= p`. `"topk"`: original MoD (expert choice): during training and
-            prefill the `ceil(topk_capacity * n)` tokens of each sequence with the largest router logits run the
-            layer; once a cache holds earlier tokens (decoding), a token runs iff `g >= p`, the MoD paper's causal
-            rule, with the router trained by an auxiliary BCE loss to predict top-k membership. `"dense"`: every
-            token runs every layer with gate 1 (the base model); the routers are kept, frozen, so weights round-trip.
-        routed_layers (`list[int]`, *optional*):
-            Indices of the layers that have a router. Defaults to every other layer starting at layer 1
-            (1, 3, 5, ...). The other layers run every token.
-        router_threshold (`float` or `list[float]`, defaults to 0.5):
-            The threshold p, global or one per routed layer, in the open interval (0, 1).
-        topk_capacity (`float`, defaults to 0.5):
-            Fraction of each sequence's tokens that run a routed layer in `"topk"` mode, in (0, 1].
-        gate_mode (`str`, defaults to `"exact"`):
-            How a routed token's sub-layer outputs are weighted. `"scale"` (the paper): `h + g * Attn(...)` and
-            `a + g * MLP(...)`. `"exact"` (ours): the forward value of the gate is exactly 1 (`g / g.detach()`) while
-            its gradient still reaches the router, so a freshly converted model whose routers route every token is
-            exactly the base model.
-        router_init_bias (`float`, defaults to 2.0):
-            Initial router bias (the router weight starts at zero). 2.0 gives every token `g = sigmoid(2) = 0.88`, so
-            with p = 0.5 every token is routed at conversion and training starts from the base model.
-        load_loss_coef (`float`, defaults to 0.01):
-            alpha of the layer-load objective `R = alpha * sum_j F_j * G_j` over routed layers (F_j: fraction of tokens
-            routed, no gradient; G_j: mean gate, with gradient): the `router_aux_loss_coef` of `"threshold"` routing.
-        load_loss_target (`float`, *optional*):
-            Our option (one value, or one per routed layer): replace F_j by `F_j - target_j` so the objective pushes gates down while a layer routes more than
-            `target` of its tokens and up while it routes fewer; the routed fraction settles near the target instead
-            of collapsing to all-dense or all-skipped.
-        routing_sink_tokens (`int`, defaults to 0):
-            Ours: the first `routing_sink_tokens` positions of every sequence (position ids below it) run every routed
-            layer whatever their router says. Pretrained LLMs park attention on the first tokens ("attention sinks");
-            a sink missing from a layer's K/V derails every later token there, so routers must never skip them.
-            `modification fit` sets 4.
-        topk_aux_loss_coef (`float`, defaults to 0.01):
-            Weight of the BCE loss that teaches the router logits to predict top-k membership: the
-            `router_aux_loss_coef` of `"topk"` routing.
         output_router_logits (`bool`, defaults to `False`):
             As in Mixtral: also return the raw router logits (one `[batch, seq]` tensor per routed layer), the raw
             (unweighted) auxiliary loss `aux_loss` and the per-layer `routed_fraction`. The loss returned with labels
@@ -117,8 +88,9 @@ class MoDConfig(PreTrainedConfig):
         qk_norm (`bool`, defaults to `False`): Qwen3's per-head RMSNorm on queries and keys.
         attention_out_bias (`bool`, *optional*): bias on `o_proj`; `None` means the same as `attention_bias`.
         base_model_type (`str`, *optional*): the `model_type` of the model this one was converted from.
-        base_model_name_or_path (`str`, *optional*): the Hub id or folder it was converted from.
-        calibration (`dict`, *optional*): what threshold calibration measured (written by `modification calibrate`).
+        base_model_name_or_path (`str`, *optional*): the Hub id (or the name given) of the model it was converted
+            from; never an absolute local path in a published checkpoint.
+        calibration (`dict`, *optional*): what threshold calibration and router fitting measured.
 
     `router_aux_loss_coef` (the Mixtral name) reads and sets the coefficient of the current router kind's auxiliary
     loss (`load_loss_coef` or `topk_aux_loss_coef`). MoD models cannot return attention weights, so
@@ -163,17 +135,64 @@ class MoDConfig(PreTrainedConfig):
     mlp_bias: bool = False
     qk_norm: bool = False
 
-    # Routing
-    router_kind: Literal["threshold", "topk", "dense"] = "threshold"
-    routed_layers: list[int] | None = _validated(None, _check_routed_layers)
-    router_threshold: float | list[float] = _validated(0.5, _check_threshold)
-    topk_capacity: float | int = _validated(0.5, _check_capacity)
-    gate_mode: Literal["scale", "exact"] = "exact"
-    router_init_bias: float | int = 2.0
-    load_loss_coef: float | int = _validated(0.01, _check_non_negative)
-    load_loss_target: float | int | list[float] | None = _validated(None, _check_target)
-    topk_aux_loss_coef: float | int = _validated(0.01, _check_non_negative)
-    routing_sink_tokens: int = _validated(0, _check_sink_tokens)
+    # Routing (ROUTING_FIELDS): each declaration is the single source of its flag, manifest key, results/card entry
+    # and documentation.
+    router_kind: Literal["threshold", "topk", "dense"] = routing_field(
+        "threshold",
+        "threshold: MoDification's causal threshold-p operator (a token runs a routed layer iff its gate "
+        "g = sigmoid(router(x)) >= p); topk: original MoD (the ceil(topk_capacity * n) tokens of each sequence with the "
+        "largest router logits run the layer in training and prefill, g >= p when decoding, the router trained by a "
+        "BCE loss to predict top-k membership); dense: every token runs every layer (the base model; routers kept, "
+        "frozen, so weights round-trip)",
+    )
+    routed_layers: list[int] | None = routing_field(
+        None,
+        "indices of the layers that have a router (default: every other layer from 1: 1, 3, 5, ...); the other "
+        "layers run every token",
+        _check_routed_layers,
+    )
+    router_threshold: float | list[float] = routing_field(
+        0.5, "the threshold p in (0, 1): one value, or one per routed layer", _check_threshold
+    )
+    topk_capacity: float | int = routing_field(
+        0.5, "fraction of each sequence's tokens that run a routed layer in topk mode, in (0, 1]", _check_capacity
+    )
+    gate_mode: Literal["scale", "exact"] = routing_field(
+        "exact",
+        "how a routed token's sub-layer outputs are weighted. exact (ours): the gate's forward value is 1 "
+        "(g / g.detach()) while its gradient reaches the router, so a freshly converted model is exactly the base; "
+        "scale (the paper): h + g * Attn(h) and a + g * MLP(a)",
+    )
+    router_init_bias: float | int = routing_field(
+        2.0,
+        "initial router bias (router weights start at zero): 2.0 gives every token g = sigmoid(2) = 0.88, so at "
+        "p = 0.5 every token is routed at conversion and training starts from the base model",
+    )
+    load_loss_coef: float | int = routing_field(
+        0.01,
+        "alpha of the layer-load objective R = alpha * sum_j F_j * G_j over routed layers (F_j: fraction of tokens "
+        "routed, no gradient; G_j: mean gate): the router_aux_loss_coef of threshold routing",
+        _check_non_negative,
+    )
+    load_loss_target: float | int | list[float] | None = routing_field(
+        None,
+        "ours: a routed fraction per routed layer (one value, or one per routed layer) that the layer-load objective "
+        "holds each layer at: F_j becomes F_j - target_j, so gates go down while a layer routes more than its target "
+        "and up while it routes fewer (default: none, the paper's objective)",
+        _check_target,
+    )
+    topk_aux_loss_coef: float | int = routing_field(
+        0.01,
+        "weight of the BCE loss that teaches the router logits to predict top-k membership: the "
+        "router_aux_loss_coef of topk routing",
+        _check_non_negative,
+    )
+    routing_sink_tokens: int = routing_field(
+        0,
+        "ours: the first N positions of every sequence run every routed layer whatever their router says "
+        "(pretrained LLMs park attention on the first tokens, the attention sinks; `modification fit` sets 4)",
+        _check_sink_tokens,
+    )
     output_router_logits: bool = False
 
     # Provenance
@@ -252,4 +271,20 @@ _NO_ATTENTION_WEIGHTS = (
 )
 
 
-__all__ = ["MoDConfig"]
+# The routing fields, in declaration order: what `modification convert` sets and what results and cards report.
+ROUTING_FIELDS = tuple(name for name, f in MoDConfig.__dataclass_fields__.items() if f.metadata.get("routing"))
+
+
+def _routing_fields_doc() -> str:
+    lines = ["", "    Routing fields:"]
+    for name in ROUTING_FIELDS:
+        f = MoDConfig.__dataclass_fields__[name]
+        default = f.default if f.default_factory is MISSING else f.default_factory()
+        lines.append(f"        {name} (defaults to `{default!r}`):")
+        lines += ["            " + line for line in textwrap.wrap(f.metadata["help"], 104)]
+    return "\n".join(lines) + "\n"
+
+
+MoDConfig.__doc__ += _routing_fields_doc()
+
+__all__ = ["MoDConfig", "ROUTING_FIELDS"]

@@ -23,13 +23,14 @@ from modification.conversion.checkpoint import (
     CODE_FILES,
     MODELING_DIR,
     TOKENIZER_FILES,
+    HUB_ID,
     CheckpointError,
     read_mod_config,
     resolve_checkpoint,
     stale_code_files,
 )
 from modification.conversion.results import RESULTS_FILENAME
-from modification.model_cards.card import CARD_FILENAME, HUB_ID, card_problems, render_card
+from modification.model_cards.card import CARD_FILENAME, card_problems, render_card
 
 
 logger = logging.getLogger(__name__)

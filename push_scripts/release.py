@@ -24,17 +24,22 @@ registry name (`base: smollm2-135m-instruct`) is fetched (`modification fetch-ba
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
-import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from modification.cli.commands import COMMANDS
+from modification.cli.options import (
+    RENAMED, deprecation_message, field_types, fields_argv, parse_value, routing_field_map, run_module_argv, settings_field_map,
+)
 from modification.conversion.checkpoint import is_hub_id
+from modification.conversion.settings import CalibrateSettings, FitSettings, TrainSettings
+from modification.evaluation.settings import EvalSettings
 
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "releases.yaml"
@@ -43,21 +48,11 @@ OPTIONAL_STEPS = ("fit", "train", "calibrate", "eval", "card")
 # `data` entries of this form name the project's offline texts (conversion/texts.py) instead of a path
 TEXT_REF_PREFIX = "texts:"
 TEXT_SPLITS = ("train", "held_out")
-RECIPES = ("routers", "lora", "full")
-# manifest routing key -> `modification convert` flag
-ROUTING_FLAGS = {
-    "router_kind": "--router-kind", "routed_layers": "--routed-layers", "threshold": "--threshold",
-    "topk_capacity": "--topk-capacity", "gate_mode": "--gate-mode", "router_init_bias": "--router-init-bias",
-    "load_loss_coef": "--load-loss-coef", "load_loss_target": "--load-loss-target",
-}
+# The sections whose keys are the fields of a settings dataclass (the flags of the step's command, one name each).
+SETTINGS_SECTIONS = {"fit": FitSettings, "train": TrainSettings, "calibrate": CalibrateSettings, "eval": EvalSettings}
 SECTION_KEYS = {
     "convert": ("dtype", "revision", "extra_args"),
-    "fit": ("target", "data", "seq_len", "blocks_per_source", "routed_layers", "sink_tokens", "max_skip",
-            "label_samples", "extra_args"),
-    "train": ("recipe", "data", "steps", "seq_len", "batch_size", "lr", "router_lr", "target", "load_loss_coef",
-              "extra_args"),
-    "calibrate": ("target", "data", "seq_len", "extra_args"),
-    "eval": ("data", "tasks", "context_lengths", "extra_args"),
+    **{name: (*settings_field_map(cls), "extra_args") for name, cls in SETTINGS_SECTIONS.items()},
     "card": ("extra_args",),
     "push": ("private", "revision", "create_pr", "dry_run", "extra_args"),
 }
@@ -104,20 +99,6 @@ def _str(value: Any, field_name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         _fail(field_name, f"must be a non-empty string, got {value!r}")
     return value
-
-
-def _number(value: Any, field_name: str) -> str:
-    """A number as a command-line argument. Also takes numeric strings: YAML reads `1e-3` as a string."""
-    if isinstance(value, bool):
-        _fail(field_name, f"must be a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            _fail(field_name, f"must be a number, got {value!r}")
-    if not isinstance(value, (int, float)):
-        _fail(field_name, f"must be a number, got {value!r}")
-    return str(value) if isinstance(value, int) else repr(float(value))
 
 
 def _str_list(value: Any, field_name: str) -> list[str]:
@@ -215,27 +196,90 @@ def _extra(section: dict, where: str) -> list[str]:
     return list(extra)
 
 
-def _routing_args(routing: dict, where: str) -> list[str]:
-    args = []
-    for key, flag in ROUTING_FLAGS.items():
-        if key not in routing or routing[key] is None:
+def _renamed(section: dict, allowed, where: str) -> dict:
+    """The section with deprecated keys (`RENAMED`: `threshold`, `lr`, `target`, ...) under their new names, each
+    with a FutureWarning."""
+    out = {}
+    for key, value in section.items():
+        new = RENAMED.get(key)
+        if new is not None and key not in allowed and new in allowed:
+            warnings.warn(deprecation_message(f"{where}.{key}", f"{where}.{new}", "manifest key"), FutureWarning,
+                          stacklevel=3)
+            key = new
+        out[key] = value
+    return out
+
+
+def _field_value(value: Any, f, tp, where: str) -> Any:
+    """A manifest value checked against its field's type, the way the command's flag would parse it (YAML numbers
+    and lists as such; strings through the flag's own parser: YAML reads `1e-3` as a string)."""
+    from modification.cli.options import format_value
+
+    if f.metadata.get("nargs") or f.metadata.get("action"):  # several values: one string or a list of strings
+        return _str_list(value, where)
+    from typing import get_origin
+
+    from modification.cli.options import type_members
+
+    takes_list = any(get_origin(t) is list for t in type_members(tp))
+    if (isinstance(value, bool) and tp is not bool) or (isinstance(value, (list, dict)) and not takes_list):
+        _fail(where, f"must be {_expected(tp)}, got {value!r}")
+    try:
+        parsed = parse_value(value if isinstance(value, str) else format_value(value), tp)
+    except Exception:  # argparse.ArgumentTypeError, ValueError: the same message for every kind of mistake
+        _fail(where, f"must be {_expected(tp)}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and parsed not in choices:
+        _fail(where, f"must be one of {', '.join(choices)}, got {value!r}")
+    return parsed
+
+
+def _expected(tp) -> str:
+    from modification.cli.options import describe_type, type_members
+
+    members = type_members(tp)
+    if float in members and int in members:  # `float | int`: any number
+        members = [t for t in members if t is not int]
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return " or ".join(names.get(t) or describe_type(t) for t in members)
+
+
+def _fields_args(section: dict, field_map: dict, hints: dict, where: str, member: Member | None = None,
+                 folder: Path | None = None) -> list[str]:
+    """Command-line arguments for a manifest section whose keys are fields (`field_map`); `data` may name texts."""
+    values = {}
+    for key, value in section.items():
+        if key == "extra_args" or value is None:
             continue
-        value = routing[key]
-        if key in ("router_kind", "gate_mode"):
-            args += [flag, _str(value, f"{where}.{key}")]
-        elif isinstance(value, list):
-            args += [flag, ",".join(_number(v, f"{where}.{key}") for v in value)]
-        else:
-            args += [flag, _number(value, f"{where}.{key}")]
-    return args
+        values[key] = _field_value(value, field_map[key], hints[key], f"{where}.{key}")
+        if key == "data" and member is not None:
+            values[key] = _data(values[key], f"{where}.{key}", member, folder)
+    for key, f in field_map.items():
+        if f.metadata.get("required") and values.get(key) is None:
+            _fail(f"{where}.{key}", "is required")
+    return fields_argv({key: values[key] for key in field_map if key in values}, field_map)  # declaration order
+
+
+def _settings_section(spec: dict, name: str, where: str) -> dict | None:
+    """A settings section with deprecated keys renamed (and warned about), checked against its fields."""
+    value = spec.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        _fail(f"{where}.{name}", "must be a mapping (or null to skip the step)")
+    value = _renamed(value, SECTION_KEYS[name], f"{where}.{name}")
+    _check_keys(value, SECTION_KEYS[name], f"{where}.{name}")
+    return value
 
 
 def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
     """The steps of one member, each a `modification` command line; outputs go under `work_dir/name`."""
+    from modification.modeling.configuration_mod import MoDConfig
+
     where = f"members.{name}"
     base = _str(spec.get("base"), f"{where}.base")
     repo_id = _str(spec.get("repo_id"), f"{where}.repo_id")
-    if repo_id.count("/") != 1:
+    if not is_hub_id(repo_id):
         _fail(f"{where}.repo_id", f"must look like org/name, got {repo_id!r}")
     folder = work_dir / name
     member = Member(name=name, base=base, repo_id=repo_id)
@@ -243,76 +287,41 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
     routing = spec.get("routing") or {}
     if not isinstance(routing, dict):
         _fail(f"{where}.routing", "must be a mapping")
-    _check_keys(routing, tuple(ROUTING_FLAGS), f"{where}.routing")
+    routing_fields = routing_field_map()
+    routing = _renamed(routing, tuple(routing_fields), f"{where}.routing")
+    _check_keys(routing, tuple(routing_fields), f"{where}.routing")
     convert = _section(spec, "convert", where) or {}
     current = folder / "converted"
-    argv = ["convert", "--base", base, "--out", str(current), *_routing_args(routing, f"{where}.routing")]
+    argv = ["convert", "--base", base, "--out", str(current),
+            *_fields_args(routing, routing_fields, field_types(MoDConfig, routing_fields), f"{where}.routing")]
     for key in ("dtype", "revision"):
         if convert.get(key) is not None:
             argv += [f"--{key}", _str(convert[key], f"{where}.convert.{key}")]
     member.steps.append(Step(name, "convert", argv + _extra(convert, f"{where}.convert")))
 
-    fit = _section(spec, "fit", where)
-    if fit is not None:
-        out = folder / "fitted"
-        argv = ["fit", "--model", str(current), "--out", str(out),
-                "--target", _number(fit.get("target"), f"{where}.fit.target"),
-                "--data", *_data(fit.get("data"), f"{where}.fit.data", member, folder)]
-        layers = fit.get("routed_layers")
-        if layers is not None:
-            if layers == "auto":
-                argv += ["--routed-layers", "auto"]
-            elif isinstance(layers, list) and layers and all(isinstance(j, int) for j in layers):
-                argv += ["--routed-layers", ",".join(str(j) for j in layers)]
-            else:
-                _fail(f"{where}.fit.routed_layers", f"must be auto or a list of layer indices, got {layers!r}")
-        for key in ("seq_len", "blocks_per_source", "sink_tokens", "max_skip", "label_samples"):
-            if fit.get(key) is not None:
-                argv += ["--" + key.replace("_", "-"), _number(fit[key], f"{where}.fit.{key}")]
-        member.steps.append(Step(name, "fit", argv + _extra(fit, f"{where}.fit")))
+    train_seq_len = None
+    for step in ("fit", "train", "calibrate"):
+        section = _settings_section(spec, step, where)
+        if section is None:
+            continue
+        cls = SETTINGS_SECTIONS[step]
+        if step == "train":
+            train_seq_len = section.get("seq_len")
+        elif step == "calibrate" and section.get("seq_len") is None and train_seq_len is not None:
+            section = {**section, "seq_len": train_seq_len}  # calibrate on sequences as long as the training ones
+        out = folder / {"fit": "fitted", "train": "trained", "calibrate": "calibrated"}[step]
+        args = _fields_args(section, settings_field_map(cls), field_types(cls), f"{where}.{step}", member, folder)
+        member.steps.append(Step(name, step, [step, "--model", str(current), "--out", str(out), *args,
+                                              *_extra(section, f"{where}.{step}")]))
         current = out
 
-    train = _section(spec, "train", where)
-    if train is not None:
-        recipe = train.get("recipe")
-        if recipe not in RECIPES:
-            _fail(f"{where}.train.recipe", f"must be one of {', '.join(RECIPES)}, got {recipe!r}")
-        out = folder / "trained"
-        argv = ["train", "--model", str(current),
-                "--data", *_data(train.get("data"), f"{where}.train.data", member, folder),
-                "--out", str(out), "--recipe", recipe]
-        for key in ("steps", "seq_len", "batch_size", "lr", "router_lr", "target", "load_loss_coef"):
-            if train.get(key) is not None:
-                argv += ["--" + key.replace("_", "-"), _number(train[key], f"{where}.train.{key}")]
-        member.steps.append(Step(name, "train", argv + _extra(train, f"{where}.train")))
-        current = out
-
-    calibrate = _section(spec, "calibrate", where)
-    if calibrate is not None:
-        out = folder / "calibrated"
-        argv = ["calibrate", "--model", str(current),
-                "--target", _number(calibrate.get("target"), f"{where}.calibrate.target"),
-                "--data", *_data(calibrate.get("data"), f"{where}.calibrate.data", member, folder),
-                "--out", str(out)]
-        # calibrate on sequences as long as the training ones unless told otherwise
-        seq_len = calibrate.get("seq_len") or (train or {}).get("seq_len")
-        if seq_len is not None:
-            argv += ["--seq-len", _number(seq_len, f"{where}.calibrate.seq_len")]
-        member.steps.append(Step(name, "calibrate", argv + _extra(calibrate, f"{where}.calibrate")))
-        current = out
-
-    evaluation = _section(spec, "eval", where)
+    evaluation = _settings_section(spec, "eval", where)
     if evaluation is not None:
         # eval writes results.json into the checkpoint folder it measures, where push and the card read it
-        argv = ["eval", "--model", str(current), "--base", base,
-                "--data", *_data(evaluation.get("data"), f"{where}.eval.data", member, folder)]
-        if evaluation.get("tasks") is not None:
-            argv += ["--tasks", ",".join(_str_list(evaluation["tasks"], f"{where}.eval.tasks"))]
-        if evaluation.get("context_lengths") is not None:
-            lengths = evaluation["context_lengths"]
-            lengths = lengths if isinstance(lengths, list) else [lengths]
-            argv += ["--context-lengths", ",".join(_number(n, f"{where}.eval.context_lengths") for n in lengths)]
-        member.steps.append(Step(name, "eval", argv + _extra(evaluation, f"{where}.eval")))
+        args = _fields_args(evaluation, settings_field_map(EvalSettings), field_types(EvalSettings),
+                            f"{where}.eval", member, folder)
+        member.steps.append(Step(name, "eval", ["eval", "--model", str(current), "--base", base, *args,
+                                                *_extra(evaluation, f"{where}.eval")]))
 
     # The card and the push name the base by its Hub id and state the licence.
     card_args = []
@@ -356,13 +365,7 @@ def plan_release(manifest: dict, names: list[str] | None, work_dir: str | None =
 
 def available_commands() -> set[str]:
     """The subcommands this version of `modification` has."""
-    from modification.conversion.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
+    return set(COMMANDS)
 
 
 def describe_push(step: Step) -> list[str]:
@@ -393,8 +396,7 @@ def prepare_member_inputs(member: Member) -> None:
     if member.base in KNOWN_BASES and not Path(member.base).exists():
         fetch_base(member.base)  # at once when it is cached
     if member.texts:
-        from modification.conversion.demo import stage_texts
-        from modification.conversion.texts import prepare_texts
+        from modification.conversion.texts import prepare_texts, stage_texts
 
         prepared = prepare_texts(sorted(member.texts))  # a missing Debian package: an error naming its install
         for kind, splits in member.texts.items():
@@ -425,7 +427,7 @@ def run_release(
     work_dir: str | None = None,
     dry_run: bool = False,
 ) -> list[Member]:
-    """Print the plan; unless `dry_run`, run each step as `python -m modification.conversion.cli ...`, stopping at
+    """Print the plan; unless `dry_run`, run each step as `python -m modification.cli ...`, stopping at
     the first failure. Missing commands and a missing Hub token are reported before anything runs."""
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -453,7 +455,7 @@ def run_release(
             prepare_member_inputs(member)
     for step in to_run:
         print(f"==> [{step.member}] {step.command()}", flush=True)
-        result = subprocess.run([sys.executable, "-m", "modification.conversion.cli", *step.argv])
+        result = subprocess.run(run_module_argv(step.argv))
         if result.returncode != 0:
             raise ValueError(
                 f"member {step.member}: step {step.name} failed (exit code {result.returncode}); later steps were "

@@ -8,7 +8,7 @@ import torch
 from helpers import save_base
 from test_evaluation import _png_ok, _routed_checkpoint, _write_text
 
-from modification.conversion.cli import main as cli
+from modification.cli.main import main as cli
 from modification.conversion.results import load_results
 
 

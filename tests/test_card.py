@@ -10,7 +10,7 @@ from publish_helpers import (
     BASE_ID, REPO_ID, copy_checkpoint, make_checkpoint, numbers_in_text, numeric_leaves, sample_results,
 )
 
-from modification.conversion.cli import main as cli
+from modification.cli.main import main as cli
 from modification.conversion.results import RESULTS_FILENAME
 from modification.model_cards.card import card_problems, fmt, render_card
 

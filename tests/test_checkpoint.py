@@ -12,7 +12,7 @@ from helpers import VOCAB, place_in_hub_cache, save_base, tiny_base, tiny_tokeni
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from modification.conversion.checkpoint import CheckpointError, load_mod_model
-from modification.conversion.cli import main as cli
+from modification.cli.main import main as cli
 from modification.conversion.convert import UnsupportedArchitectureError, convert_checkpoint
 
 

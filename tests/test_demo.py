@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from modification.conversion import demo
-from modification.conversion.cli import build_parser
-from modification.conversion.demo import DemoBase, DemoSettings, demo_steps, run_demo, stage_texts, summary_rows
+from modification.cli import demo
+from modification.cli.main import build_parser
+from modification.cli.demo import DemoBase, DemoSettings, demo_steps, run_demo, summary_rows
+from modification.conversion.texts import stage_texts
 
 
 KINDS = ("shakespeare", "kjv", "gcide")
@@ -53,7 +54,7 @@ def test_demo_plans_the_real_path_and_every_command_parses(tmp_path, monkeypatch
 
     # a folder base: no licence claimed for it, and the commands name the folder
     own = DemoBase(arg=str(tmp_path / "my-llama"), folder=str(tmp_path / "my-llama"))
-    steps = demo_steps(own, tmp_path / "out", work, {"kjv": texts["kjv"]}, DemoSettings(target=0.7))
+    steps = demo_steps(own, tmp_path / "out", work, {"kjv": texts["kjv"]}, DemoSettings(executed_fraction=0.7))
     card = parser.parse_args(steps[-1].argv)
     assert card.license is None and parser.parse_args(steps[0].argv).base == str(tmp_path / "my-llama")
     assert parser.parse_args(steps[1].argv).target == 0.7
@@ -95,7 +96,7 @@ def test_demo_runs_end_to_end_on_a_tiny_base(tmp_path, monkeypatch, capsys):
         {k: {"train": train_txt, "held_out": held_txt} for k in ("shakespeare", "kjv")}, folder),
         {"gcide": "not installed here"}))
     settings = DemoSettings(
-        target=0.8, fit_seq_len=64, fit_blocks_per_source=4, eval_context_length=128, eval_max_tokens=600,
+        executed_fraction=0.8, fit_seq_len=64, fit_blocks_per_source=4, eval_context_length=128, eval_max_tokens=600,
         bench_lengths=(64,), bench_decode_batch_sizes=(1,), bench_repetitions=1, bench_threads=torch.get_num_threads(),
         chat_prompts=("w1 w2 w3",), chat_max_new_tokens=4,
     )
@@ -128,9 +129,9 @@ def test_eval_and_bench_take_the_registry_name_of_a_fetched_base(tmp_path, monke
     from helpers import save_base
 
     from modification.conversion.bases import KNOWN_BASES, BaseNotFetchedError
-    from modification.conversion.cli import main as cli
+    from modification.cli.main import main as cli
     from modification.conversion.convert import convert_checkpoint
-    from modification.conversion.evaluation import load_models, local_base_model
+    from modification.evaluation.loading import load_models, local_base_model
 
     name = "smollm2-135m-instruct"
     hub_id = KNOWN_BASES[name].hub_id

@@ -10,8 +10,8 @@ import torch
 from helpers import VOCAB, reference_forward, routed_model, save_base, tiny_base, tiny_tokenizer
 
 from modification.conversion.checkpoint import save_checkpoint
-from modification.conversion.cli import main as cli
-from modification.conversion.evaluation import load_metric, sliding_windows, tokenize_texts
+from modification.cli.main import main as cli
+from modification.evaluation.quality import load_metric, sliding_windows, tokenize_texts
 from modification.conversion.results import update_results
 from modification.conversion.results import load_results
 

@@ -69,7 +69,7 @@ def test_lm_eval_local_task_runs_offline_on_mod_and_base(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf"))
     env.pop("HF_MODULES_CACHE", None)
-    command = [sys.executable, "-m", "modification.conversion.cli", "eval", "--model", str(ck), "--base",
+    command = [sys.executable, "-m", "modification.cli", "eval", "--model", str(ck), "--base",
                str(base_dir), "--tasks", "tiny_mc", "--tasks-path", str(tmp_path / "tasks"), "--tasks-batch-size",
                "2", "--out", str(out), "--no-progress"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -17,7 +17,7 @@ from hub_stub import HubStub
 from publish_helpers import BASE_ID, REPO_ID, copy_checkpoint, isolate_hub, make_checkpoint
 
 from modification.conversion.checkpoint import load_mod_model
-from modification.conversion.cli import main as cli
+from modification.cli.main import main as cli
 from modification.model_cards.card import render_card
 
 
@@ -45,7 +45,7 @@ def pushed(checkpoint, tmp_path_factory):
                    HF_HOME=str(home))
         env.pop("HF_HUB_OFFLINE", None)
         result = subprocess.run(
-            [sys.executable, "-m", "modification.conversion.cli", "push", "--checkpoint", str(checkpoint),
+            [sys.executable, "-m", "modification.cli", "push", "--checkpoint", str(checkpoint),
              "--repo-id", REPO_ID, "--base-model", BASE_ID, "--private"],
             env=env, capture_output=True, text=True, timeout=300,
         )
@@ -188,7 +188,7 @@ def test_published_repo_loads_by_id_from_the_hub_cache_offline(pushed, checkpoin
 import sys, torch
 from huggingface_hub import ModelCard, hf_hub_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from modification.conversion.cli import main
+from modification.cli.main import main
 expected = torch.load({str(tmp_path / "expected.pt")!r})
 model = AutoModelForCausalLM.from_pretrained({REPO_ID!r}, trust_remote_code=True).eval()
 tok = AutoTokenizer.from_pretrained({REPO_ID!r}, trust_remote_code=True)

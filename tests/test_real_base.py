@@ -21,7 +21,7 @@ from modification.conversion import bases
 from modification.conversion.bases import (
     KNOWN_BASES, BaseDownloadError, BaseFetchError, BaseNotFetchedError, base_hub_id, base_path, fetch_base,
 )
-from modification.conversion.cli import main as cli
+from modification.cli.main import main as cli
 from modification.conversion.convert import convert_model
 
 

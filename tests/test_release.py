@@ -11,8 +11,8 @@ from helpers import save_base
 from hub_stub import HubStub
 from publish_helpers import isolate_hub
 
-from modification.conversion.cli import build_parser
-from modification.conversion.cli import main as cli
+from modification.cli.main import build_parser
+from modification.cli.main import main as cli
 from modification.push_scripts.release import DEFAULT_MANIFEST, STEPS, load_manifest, plan_release
 
 
@@ -24,8 +24,8 @@ CPU_MEMBER = "smollm2-135m-instruct"
 def _write_manifest(tmp_path, base, **member_overrides) -> str:
     member = {
         "base": str(base), "base_model": "test-org/tiny-llama", "repo_id": "test-org/demo-mod",
-        "routing": {"routed_layers": [1, 3], "threshold": [0.5, 0.6]},
-        "train": {"data": ["tiny.txt"], "steps": 3, "lr": "1e-3"},
+        "routing": {"routed_layers": [1, 3], "router_threshold": [0.5, 0.6]},
+        "train": {"data": ["tiny.txt"], "steps": 3, "learning_rate": "1e-3"},
         "calibrate": {"data": "calib.txt"},
         **member_overrides,
     }
@@ -34,8 +34,8 @@ def _write_manifest(tmp_path, base, **member_overrides) -> str:
         "work_dir": str(tmp_path / "work"),
         "defaults": {
             "routing": {"router_kind": "threshold", "gate_mode": "exact"},
-            "train": {"recipe": "routers", "seq_len": 64, "lr": 1.0e-4},
-            "calibrate": {"target": 0.75},
+            "train": {"recipe": "routers", "seq_len": 64, "learning_rate": 1.0e-4},
+            "calibrate": {"executed_fraction": 0.75},
             "eval": {"data": ["held-out.txt"], "tasks": ["cloze", "copy"]},
             "push": {"private": True},
         },
@@ -53,11 +53,11 @@ def test_each_step_gets_the_exact_command_line(tmp_path):
     assert [s.name for s in member.steps] == CLASSIC_STEPS
     assert [s.argv for s in member.steps] == [
         ["convert", "--base", "/models/tiny-base", "--out", f"{w}/converted", "--router-kind", "threshold",
-         "--routed-layers", "1,3", "--threshold", "0.5,0.6", "--gate-mode", "exact"],
-        ["train", "--model", f"{w}/converted", "--data", "tiny.txt", "--out", f"{w}/trained", "--recipe", "routers",
-         "--steps", "3", "--seq-len", "64", "--lr", "0.001"],
-        ["calibrate", "--model", f"{w}/trained", "--target", "0.75", "--data", "calib.txt", "--out", f"{w}/calibrated",
-         "--seq-len", "64"],
+         "--routed-layers", "1,3", "--router-threshold", "0.5,0.6", "--gate-mode", "exact"],
+        ["train", "--model", f"{w}/converted", "--out", f"{w}/trained", "--data", "tiny.txt", "--recipe", "routers",
+         "--steps", "3", "--seq-len", "64", "--learning-rate", "0.001"],
+        ["calibrate", "--model", f"{w}/trained", "--out", f"{w}/calibrated", "--data", "calib.txt",
+         "--executed-fraction", "0.75", "--seq-len", "64"],
         ["eval", "--model", f"{w}/calibrated", "--base", "/models/tiny-base", "--data", "held-out.txt",
          "--tasks", "cloze,copy"],
         ["push", "--checkpoint", f"{w}/calibrated", "--repo-id", "test-org/demo-mod", "--base-model",
@@ -94,7 +94,9 @@ def test_shipped_manifest_plans_every_member_in_a_dry_run(capsys):
     ({"train": {"recipe": "everything"}}, "members.demo.train.recipe: must be one of routers, lora, full"),
     ({"routing": {"thresold": 0.5}}, "members.demo.routing: unknown key(s) thresold"),
     ({"repo_id": "no-org"}, "members.demo.repo_id: must look like org/name"),
-    ({"calibrate": {"target": "most"}}, "members.demo.calibrate.target: must be a number"),
+    ({"calibrate": {"executed_fraction": "most"}}, "members.demo.calibrate.executed_fraction: must be a number"),
+    ({"train": {"steps": 2.5}}, "members.demo.train.steps: must be an integer"),
+    ({"routing": {"topk_capacity": [0.5]}}, "members.demo.routing.topk_capacity: must be a number"),
 ])
 def test_manifest_mistakes_name_the_field(tmp_path, capsys, change, message):
     manifest = _write_manifest(tmp_path, "org/base", **change)
@@ -159,10 +161,10 @@ def test_full_release_chain_runs_every_step_to_the_loopback_hub(tmp_path, monkey
     (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny base\n")
     manifest = _write_manifest(
         tmp_path, base,
-        train={"recipe": "routers", "data": [str(train_txt)], "steps": 2, "seq_len": 64, "target": 0.8,
+        train={"recipe": "routers", "data": [str(train_txt)], "steps": 2, "seq_len": 64, "executed_fraction": 0.8,
                "load_loss_coef": 1.0},
-        calibrate={"target": 0.8, "data": [str(train_txt)]},
-        eval={"data": [str(held_txt)], "tasks": None, "context_lengths": [128], "extra_args": ["--max-tokens", "3000"]},
+        calibrate={"executed_fraction": 0.8, "data": [str(train_txt)]},
+        eval={"data": [str(held_txt)], "tasks": None, "context_lengths": [128], "max_tokens": 3000},
     )
     with HubStub() as hub:
         isolate_hub(monkeypatch, tmp_path)
@@ -190,11 +192,10 @@ def test_cpu_member_fits_on_symbolic_texts_and_dry_runs_the_push():
     assert steps["convert"][:5] == ["convert", "--base", "smollm2-135m-instruct", "--out", f"{w}/converted"]
     assert steps["convert"][-2:] == ["--dtype", "float32"]
     fit = steps["fit"]
-    assert fit[:7] == ["fit", "--model", f"{w}/converted", "--out", f"{w}/fitted", "--target", "0.8"]
-    data = fit[fit.index("--data") + 1: fit.index("--seq-len")]
-    assert data == [f"{w}/texts/{kind}-train.txt" for kind in ("shakespeare", "kjv", "gcide")]
+    assert fit[:5] == ["fit", "--model", f"{w}/converted", "--out", f"{w}/fitted"]
     args = build_parser().parse_args(fit)
-    assert args.func.__name__ == "_cmd_fit" and args.target == 0.8 and args.routed_layers == "auto"
+    assert args.data == [f"{w}/texts/{kind}-train.txt" for kind in ("shakespeare", "kjv", "gcide")]
+    assert args.command == "fit" and args.executed_fraction == 0.8 and not hasattr(args, "routed_layers")
     evaluation = steps["eval"]
     assert evaluation[:5] == ["eval", "--model", f"{w}/fitted", "--base", "smollm2-135m-instruct"]
     assert [a for a in evaluation if a.endswith(".txt")] == [
@@ -211,11 +212,13 @@ def test_cpu_member_fits_on_symbolic_texts_and_dry_runs_the_push():
 
 
 @pytest.mark.parametrize("fit,message", [
-    ({"target": 0.8, "data": ["texts:poetry/train"]}, "members.demo.fit.data: 'texts:poetry/train': texts are named"),
-    ({"target": 0.8, "data": ["texts:kjv/test"]}, "members.demo.fit.data: 'texts:kjv/test'"),
-    ({"target": 0.8, "data": ["a.txt"], "routed_layers": "some"}, "members.demo.fit.routed_layers: must be auto"),
-    ({"target": 0.8, "data": ["a.txt"], "steps": 3}, "members.demo.fit: unknown key(s) steps"),
-    ({"data": ["a.txt"]}, "members.demo.fit.target: must be a number"),
+    ({"executed_fraction": 0.8, "data": ["texts:poetry/train"]},
+     "members.demo.fit.data: 'texts:poetry/train': texts are named"),
+    ({"executed_fraction": 0.8, "data": ["texts:kjv/test"]}, "members.demo.fit.data: 'texts:kjv/test'"),
+    ({"executed_fraction": 0.8, "data": ["a.txt"], "routed_layers": "some"},
+     "members.demo.fit.routed_layers: must be auto"),
+    ({"executed_fraction": 0.8, "data": ["a.txt"], "steps": 3}, "members.demo.fit: unknown key(s) steps"),
+    ({"data": ["a.txt"]}, "members.demo.fit.executed_fraction: is required"),
 ])
 def test_fit_section_mistakes_name_the_field(tmp_path, capsys, fit, message):
     manifest = _write_manifest(tmp_path, "org/base", fit=fit)
@@ -238,9 +241,10 @@ def test_cpu_release_chain_with_fit_card_and_dry_run_push(tmp_path, monkeypatch,
         kind: {"train": train_txt, "held_out": held_txt} for kind in wanted})
     manifest = _write_manifest(
         tmp_path, base, license="mit", train=None, calibrate=None, card={},
-        fit={"target": 0.8, "data": [f"texts:{k}/train" for k in kinds], "seq_len": 64, "blocks_per_source": 4},
+        fit={"executed_fraction": 0.8, "data": [f"texts:{k}/train" for k in kinds], "seq_len": 64,
+             "blocks_per_source": 4},
         eval={"data": [f"texts:{k}/held_out" for k in kinds], "tasks": None, "context_lengths": [128],
-              "extra_args": ["--max-tokens", "1500"]},
+              "max_tokens": 1500},
         push={"dry_run": True},
     )
     isolate_hub(monkeypatch, tmp_path)

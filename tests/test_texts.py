@@ -17,9 +17,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from modification.conversion import texts
 from modification.conversion.bases import DEFAULT_BASE, bases_dir
-from modification.conversion.texts import (
-    TEXT_KINDS, atomic_write_text, last_word_accuracy, last_word_examples, last_word_scores, prepare_texts,
-    read_examples, write_last_word_task,
+from modification.conversion.texts import TEXT_KINDS, atomic_write_text, prepare_texts
+from modification.evaluation import last_word
+from modification.evaluation.last_word import (
+    last_word_accuracy, last_word_examples, last_word_scores, read_examples, write_last_word_task,
 )
 
 
@@ -153,7 +154,7 @@ def _check_examples(examples, text, min_count):
     assert len(examples) >= min_count
     for e in examples:
         context, word = e["text"], e["target"]
-        assert re.fullmatch(r"[A-Za-z]{4,}", word) and word.lower() not in texts.STOPWORDS
+        assert re.fullmatch(r"[A-Za-z]{4,}", word) and word.lower() not in last_word.STOPWORDS
         assert 60 <= len(context.split()) < 120
         assert word.lower() in re.findall(r"[a-z]+", context.lower())  # it appeared earlier in the passage
         assert context + " " + word in flat  # the passage, cut right before the word
@@ -210,7 +211,7 @@ def _predicting_unk_sometimes(model, tokenizer, examples) -> float:
     (the word of many examples) after some contexts and not after others: an accuracy strictly between 0 and the
     share of <unk> words, so that the greedy match depends on the context."""
     unk = tokenizer.unk_token_id
-    unk_share = sum(texts.encode_example(tokenizer, e)[1] == [unk] for e in examples) / len(examples)
+    unk_share = sum(last_word.encode_example(tokenizer, e)[1] == [unk] for e in examples) / len(examples)
     assert 0.2 <= unk_share <= 0.8
     hidden = []
     for e in examples:
@@ -301,7 +302,7 @@ def test_multi_token_words_score_like_lm_eval(tmp_path, base_tokenizer):
         folder = write_last_word_task(tmp_path / "tasks", texts={"pydoc": held.read_text()}, n_examples=12).parent
         task = "modification_last_word_pydoc"
     examples = read_examples(folder / f"last_word_{task.rsplit('_', 1)[1]}.jsonl")
-    assert max(len(texts.encode_example(base_tokenizer, e)[1]) for e in examples) > 1
+    assert max(len(last_word.encode_example(base_tokenizer, e)[1]) for e in examples) > 1
     model = _tiny_llama(len(base_tokenizer))
     model.save_pretrained(tmp_path / "model")
     base_tokenizer.save_pretrained(tmp_path / "model")

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modification.conversion.calibrate import calibrate_checkpoint
-from modification.conversion.cli import main as cli
+from modification.cli.main import main as cli
 from modification.conversion.data import DataError
-from modification.conversion.train import TrainSettings, train
+from modification.conversion.settings import CalibrateSettings, TrainSettings
+from modification.conversion.train import train
 from modification.modeling import MoDForCausalLM
 
 
@@ -79,8 +80,9 @@ def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
     mod, train_file, held_file = text_ckpt
     trained = train(str(mod), tmp_path / "trained", _settings(train_file, recipe="routers", steps=25,
                     load_loss_coef=1.0, router_learning_rate=0.05), progress=False)
-    record = calibrate_checkpoint(str(trained), 0.8, [str(train_file)], out=str(tmp_path / "cal"), seq_len=128,
-                                  max_blocks=24, held_out_fraction=0.0, progress=False)
+    settings = CalibrateSettings(executed_fraction=0.8, data=[str(train_file)], seq_len=128, max_blocks=24,
+                                 held_out_fraction=0.0)
+    record = calibrate_checkpoint(str(trained), settings, out=str(tmp_path / "cal"), progress=False)
     assert abs(record["measured_executed_fraction"] - 0.8) < 0.01
     # held-out text: works the calibration never saw
     model = MoDForCausalLM.from_pretrained(tmp_path / "cal").eval()
@@ -132,7 +134,7 @@ def test_two_process_accelerate_run(text_ckpt, tmp_path):
         # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the Trainer (use_cpu) then
         # runs data-parallel over CPU processes with gloo. (`--cpu` alone would start a single process.)
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modification.conversion.cli",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modification.cli",
         "train", "--model", str(mod), "--out", str(tmp_path / "ddp"), "--data", str(train_file), "--recipe", "routers",
         "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--router-lr", "0.05", "--load-loss-coef", "1.0",
     ]

@@ -23,7 +23,7 @@ Returns:
     executed_fraction (`float`): mean over layers of the routed fraction, in [0, 1].
     per_layer_routed_fraction (`list[float]`): the routed fraction of each layer.
 Examples:
-    >>> metric = evaluate.load("conversion/metrics/executed_fraction")
+    >>> metric = evaluate.load("evaluation/metrics/executed_fraction")
     >>> metric.compute(routed_tokens=[[4, 2], [2, 1]], tokens=[4, 2])
     {'executed_fraction': 0.75, 'per_layer_routed_fraction': [1.0, 0.5]}
 """

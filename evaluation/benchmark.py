@@ -8,18 +8,22 @@ layer, causal attention inside it with r^2).
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from modification.modeling import MoDForCausalLM
 
-from .calibrate import calibrate_thresholds
-from .data import add_data_arguments, load_texts
+from modification.conversion.calibrate import calibrate_thresholds
+
+from .settings import BenchSettings
 
 
 def _sync(device: torch.device) -> None:
@@ -125,14 +129,14 @@ def run_benchmark(
     decode_prompt_len: int = 256,
     seed: int = 0,
     progress: bool = True,
-    target_executed_fraction: float | None = None,
+    executed_fraction: float | None = None,
     prompt_ids: torch.Tensor | None = None,
 ) -> dict:
     """Prefill latency, decode tokens/s, KV-cache bytes (and peak memory on CUDA) of MoD and base, alternating runs.
 
     Prompts are random token ids, or slices of `prompt_ids` (a 1-D token stream, e.g. real text: a trained router
     routes real text differently from random ids). Speed does not depend on the text but the routed fraction does, so
-    it is reported from the MoD model's own decisions on these prompts. With `target_executed_fraction` the thresholds are
+    it is reported from the MoD model's own decisions on these prompts. With `executed_fraction` the thresholds are
     first calibrated on each prompt to that budget (a speed benchmark at a chosen executed fraction, e.g. for a model
     with random weights); otherwise the model's own thresholds are used as they are.
     """
@@ -147,8 +151,8 @@ def run_benchmark(
 
     for length in lengths:
         ids = _prompt(prompt_ids, vocab, 1, length, gen).to(device)
-        if target_executed_fraction is not None:
-            calibrate_thresholds(mod_model, [{"input_ids": ids}], target_executed_fraction, progress=False)
+        if executed_fraction is not None:
+            calibrate_thresholds(mod_model, [{"input_ids": ids}], executed_fraction, progress=False)
         times = {"mod": [], "base": []}
         info = {}
         for rep in range(repetitions + 1):  # the first round warms up and is not counted
@@ -194,8 +198,8 @@ def run_benchmark(
 
     for batch_size in decode_batch_sizes:
         prompt = _prompt(prompt_ids, vocab, batch_size, decode_prompt_len, gen).to(device)
-        if target_executed_fraction is not None:
-            calibrate_thresholds(mod_model, [{"input_ids": prompt}], target_executed_fraction, progress=False)
+        if executed_fraction is not None:
+            calibrate_thresholds(mod_model, [{"input_ids": prompt}], executed_fraction, progress=False)
         times = {"mod": [], "base": []}
         info = {}
         for rep in range(repetitions + 1):
@@ -273,53 +277,11 @@ def describe_device(device: torch.device) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# `modification bench`
+# A whole benchmark of a checkpoint against its base
 # --------------------------------------------------------------------------------------------------------------------
 
 BENCH_FILENAME = "bench.json"
 BENCH_PLOT_FILENAME = "bench.png"
-
-
-def _lengths(text: str) -> list[int]:
-    import argparse
-
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def add_bench_parser(sub) -> None:
-    """Register `modification bench`."""
-    p = sub.add_parser("bench", help="prefill latency, decode tokens/s, KV bytes and peak memory, MoD vs base")
-    p.add_argument("--model", required=True, help="MoD checkpoint: folder or Hub id")
-    p.add_argument("--base", default=None,
-                   help="base model (folder, Hub id, or a name fetched with `modification fetch-base`); default: the "
-                        "checkpoint's base_model_name_or_path if local")
-    p.add_argument("--lengths", type=_lengths, default=[1024, 4096], help="prefill context lengths (default 1024,4096)")
-    p.add_argument("--repetitions", type=int, default=5, help="timed repetitions per measurement, after one warm-up")
-    p.add_argument("--decode-batch-sizes", type=_lengths, default=[1, 4],
-                   help="decode batch sizes (default 1,4; empty string: no decode benchmark)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode run (default 32)")
-    p.add_argument("--decode-prompt-length", type=int, default=256, help="prompt length before decoding (default 256)")
-    add_data_arguments(p, required=False, default_split="test")  # prompts from text; default random token ids
-    p.add_argument("--target-executed-fraction", type=float, default=None,
-                   help="calibrate thresholds on each prompt to this executed fraction first (speed at a chosen "
-                        "budget, e.g. for random-weight models); the results JSON is then left alone")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice); on a machine shared with other jobs, 1 "
-                        "avoids threads waiting on each other, which can slow small models several times")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder for bench.json, bench.png and results.json (default: the "
-                                               "checkpoint folder if local, else ./<org--name>)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_bench)
 
 
 def latency_rows(bench: dict) -> list[dict]:
@@ -352,71 +314,67 @@ def decode_rows(bench: dict) -> list[dict]:
     } for row in bench["decode"]]
 
 
-def cmd_bench(args) -> dict:
-    """Run `modification bench`: benchmark, write bench.json + bench.png, merge into the results JSON."""
-    import json
-    from pathlib import Path
+def benchmark_checkpoint(
+    model: str,
+    settings: BenchSettings,
+    *,
+    base: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    out: str | os.PathLike | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Benchmark the MoD checkpoint `model` against its base (`base`, default: the checkpoint's own when local); write
+    bench.json and bench.png to `out` (default: the checkpoint folder when local, else `./<org--name>`) and merge the
+    ratios into its results JSON (unless `settings.executed_fraction` recalibrated the thresholds for the run).
+    Returns the bench record (what bench.json holds)."""
+    from modification.conversion.data import load_texts
+    from modification.conversion.results import RESULTS_FILENAME, update_results
 
-    from .evaluation import (
-        command_line, data_label, default_output_dir, load_models, load_tokenizer, pick_device, pick_dtype,
-        tokenize_texts,
-    )
+    from .loading import default_output_dir, load_models, load_tokenizer, pick_device, pick_dtype
     from .plots import plot_bench
-    from .results import RESULTS_FILENAME, update_results
+    from .quality import data_label, tokenize_texts
 
-    if not args.lengths:
-        raise ValueError("--lengths needs at least one context length")
-    if args.repetitions < 1 or args.decode_tokens < 1 or args.decode_prompt_length < 1:
-        raise ValueError("--repetitions, --decode-tokens and --decode-prompt-length must be positive")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)  # recorded in the hardware section as torch_threads
+    settings.validate()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)  # recorded in the hardware section as torch_threads
     texts = None
-    if args.data:
-        texts = [t for source in args.data for t in load_texts(source, args.text_field, args.split, args.data_config)]
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    mod, folder, base, base_name = load_models(args.model, args.base, device, dtype)
-    if base is None:
+    if settings.data:
+        texts = [t for source in settings.data
+                 for t in load_texts(source, settings.text_field, settings.split, settings.data_config)]
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    mod, folder, base_model, base_name = load_models(model, base, torch_device, torch_dtype)
+    if base_model is None:
         raise ValueError("bench compares against the base model: give --base (a folder or a cached Hub id)")
     prompt_ids = None
     if texts is not None:
-        needed = max(max(args.lengths), args.decode_prompt_length)
+        needed = max(max(settings.lengths), settings.decode_prompt_length)
         prompt_ids = tokenize_texts(load_tokenizer(folder, base_name), texts, max_tokens=None)
         if prompt_ids.numel() < needed:
-            raise ValueError(f"{args.data} has {prompt_ids.numel()} tokens; the benchmark needs {needed}")
+            raise ValueError(f"{settings.data} has {prompt_ids.numel()} tokens; the benchmark needs {needed}")
     bench = run_benchmark(
-        mod, base, args.lengths, repetitions=args.repetitions, decode_batch_sizes=tuple(args.decode_batch_sizes),
-        decode_tokens=args.decode_tokens, decode_prompt_len=args.decode_prompt_length, seed=args.seed,
-        progress=not args.no_progress, target_executed_fraction=args.target_executed_fraction, prompt_ids=prompt_ids,
+        mod, base_model, settings.lengths, repetitions=settings.repetitions,
+        decode_batch_sizes=tuple(settings.decode_batch_sizes), decode_tokens=settings.decode_tokens,
+        decode_prompt_len=settings.decode_prompt_length, seed=settings.seed, progress=progress,
+        executed_fraction=settings.executed_fraction, prompt_ids=prompt_ids,
     )
-    out_dir = Path(args.out) if args.out else default_output_dir(args.model, folder)
+    out_dir = Path(out) if out else default_output_dir(model, folder)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = command_line(args)
     record = {
-        "command": command, "model": args.model, "base": base_name,
-        "prompts": ", ".join(data_label(d, args.split, args.data_config) for d in args.data) if args.data
-        else "random token ids",
-        "target_executed_fraction": args.target_executed_fraction, **bench,
+        "command": command, "model": model, "base": base_name,
+        "prompts": ", ".join(data_label(d, settings.split, settings.data_config) for d in settings.data)
+        if settings.data else "random token ids",
+        "executed_fraction": settings.executed_fraction, **bench,
     }
     (out_dir / BENCH_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
-    plot_bench(bench, out_dir / BENCH_PLOT_FILENAME, title=f"{Path(args.model.rstrip('/')).name} / base, "
+    plot_bench(bench, out_dir / BENCH_PLOT_FILENAME, title=f"{Path(model.rstrip('/')).name} / base, "
                f"{bench['setup']['device']} ({bench['setup']['dtype']})")
-    for row in bench["prefill"]:
-        print(f"prefill {row['length']:6d}: latency ratio {row['latency_ratio']:.3f} "
-              f"(ideal {row['ideal_latency_ratio']:.3f}), KV ratio {row['kv_ratio']:.3f}, "
-              f"executed fraction {row['executed_fraction']:.3f}")
-    for row in bench["decode"]:
-        print(f"decode batch {row['batch_size']}: throughput ratio {row['throughput_ratio']:.3f} "
-              f"(ideal {row['ideal_throughput_ratio']:.3f}), KV ratio {row['kv_ratio']:.3f}")
-    print(f"wrote {out_dir / BENCH_FILENAME} and {out_dir / BENCH_PLOT_FILENAME}")
-    if args.target_executed_fraction is not None:
-        print("thresholds were recalibrated for this benchmark: the results JSON was not updated")
-        return record
-    efficiency = {"latency": latency_rows(bench), "hardware": dict(bench["setup"])}
-    if bench["decode"]:
-        efficiency["decode"] = decode_rows(bench)
-    update_results(out_dir / RESULTS_FILENAME, mod.config, args.model, base_name, command, efficiency=efficiency)
-    print(f"wrote {out_dir / RESULTS_FILENAME}")
+    if settings.executed_fraction is None:
+        efficiency = {"latency": latency_rows(bench), "hardware": dict(bench["setup"])}
+        if bench["decode"]:
+            efficiency["decode"] = decode_rows(bench)
+        update_results(out_dir / RESULTS_FILENAME, mod.config, model, base_name, command, efficiency=efficiency)
+    record["out"] = str(out_dir)
     return record

@@ -21,7 +21,7 @@ Args:
 Returns:
     kv_ratio (`float`): sum(mod_kv_bytes) / sum(base_kv_bytes).
 Examples:
-    >>> metric = evaluate.load("conversion/metrics/kv_ratio")
+    >>> metric = evaluate.load("evaluation/metrics/kv_ratio")
     >>> metric.compute(mod_kv_bytes=[300, 150], base_kv_bytes=[400, 200])
     {'kv_ratio': 0.75}
 """

@@ -1,0 +1,8 @@
+"""`python -m modification.cli ...` runs the `modification` command (the release and the demo run their steps so)."""
+
+import sys
+
+from .main import main
+
+
+sys.exit(main())

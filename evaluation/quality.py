@@ -1,0 +1,296 @@
+"""`modification eval`: quality of a MoD checkpoint next to its base, and how much of the model it ran.
+
+- Perplexity of MoD and base on the same tokens, at one or more context lengths. A text longer than the context is
+  scored with a sliding window (stride default half the context): every token is scored once, with at least
+  `context - stride` tokens of context except at the start of the text.
+- Executed fraction (per layer and overall) and KV ratio, counted from the MoD model's own router decisions and cache
+  on the perplexity windows, through the project's `evaluate` modules (`evaluation/metrics/`).
+- Downstream tasks through lm-evaluation-harness (`evaluation/tasks.py`) when tasks are given; task YAML files and
+  their data can be local, so this runs offline.
+
+`evaluate_checkpoint` merges the numbers into the checkpoint's results JSON (`conversion/results.py`), writes a full
+record of the run with `evaluate.save` next to it (`eval_records/`), and a bar chart of the per-layer executed
+fraction as PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from modification.conversion.data import load_texts, tokenize_stream
+from modification.conversion.results import RESULTS_FILENAME, update_results
+
+from .loading import default_output_dir, load_models, load_tokenizer, pick_device, pick_dtype
+from .settings import EvalSettings
+
+
+logger = logging.getLogger(__name__)
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+RECORDS_DIRNAME = "eval_records"
+
+
+def load_metric(name: str):
+    """One of the project's `evaluate` modules (`executed_fraction`, `kv_ratio`), loaded from its local folder."""
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation text
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def data_label(data: str, split: str, data_config: str | None) -> str:
+    """How a dataset is named in the results: the file name, or `name[/config]:split`."""
+    path = Path(data)
+    if path.exists():
+        return path.name
+    return f"{data}{'/' + data_config if data_config else ''}:{split}"
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """One token stream of the documents (see `data.tokenize_stream`); fewer than 2 tokens is an error."""
+    ids = tokenize_stream(texts, tokenizer, max_tokens, progress=False)
+    if ids.numel() < 2:
+        raise ValueError("the evaluation text has fewer than 2 tokens: nothing to score")
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Perplexity, executed fraction and KV ratio on sliding windows
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def sliding_windows(num_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """`(begin, end, scored)` windows over a stream: each window holds at most `context_length` tokens, and its last
+    `scored` tokens are the ones not scored before (the first window scores all of its tokens but the first, which
+    has nothing to be predicted from). Every token after the first is scored exactly once."""
+    if context_length < 2:
+        raise ValueError(f"context length must be at least 2, got {context_length}")
+    if not 0 < stride <= context_length:
+        raise ValueError(f"stride must lie in [1, context length {context_length}], got {stride}")
+    windows = []
+    scored_until = 0
+    end = min(context_length, num_tokens)
+    while True:
+        begin = max(0, end - context_length)
+        windows.append((begin, end, end - scored_until))
+        scored_until = end
+        if end >= num_tokens:
+            break
+        end = min(end + stride, num_tokens)
+    return windows
+
+
+def dense_kv_bytes(config, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes a dense cache (keys and values in every layer) of `tokens` tokens takes for this architecture."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * tokens * config.num_key_value_heads * config.head_dim * element
+
+
+@dataclass
+class WindowScore:
+    nll: float  # summed negative log-likelihood of the scored tokens
+    count: int  # number of scored tokens
+    routed_tokens: list[int] = field(default_factory=list)  # per layer, tokens of the window that ran it (MoD only)
+    kv_bytes: int = 0  # bytes in the MoD cache after the window (MoD only)
+
+
+@torch.no_grad()
+def score_window(model: torch.nn.Module, window: torch.Tensor, scored: int, is_mod: bool) -> WindowScore:
+    """Negative log-likelihood of the last `scored` tokens of `window` (1-D ids), through the model's own forward.
+
+    Only the logits that predict scored tokens are computed (`logits_to_keep`), and the loss is taken in float32.
+    For a MoD model also return what its routers decided and what its cache holds.
+    """
+    device = next(model.parameters()).device
+    ids = window.to(device).unsqueeze(0)
+    length = ids.shape[1]
+    first = max(length - scored, 1)  # position 0 predicts nothing
+    positions = torch.arange(first - 1, length - 1, device=device)
+    kwargs = {"output_router_decisions": True, "use_cache": True} if is_mod else {"use_cache": False}
+    out = model(input_ids=ids, logits_to_keep=positions, **kwargs)
+    targets = ids[0, first:]
+    nll = F.cross_entropy(out.logits[0].float(), targets, reduction="sum").item()
+    score = WindowScore(nll=nll, count=targets.numel())
+    if is_mod:
+        score.routed_tokens = [int(d.sum()) for d in out.router_decisions]
+        score.kv_bytes = out.cache.kv_bytes()
+    return score
+
+
+def evaluate_perplexity(
+    mod: torch.nn.Module,
+    base: torch.nn.Module | None,
+    stream: torch.Tensor,
+    context_length: int,
+    stride: int | None = None,
+    dataset: str = "text",
+    routing_metrics=None,
+    progress: bool = True,
+) -> dict:
+    """One perplexity row (MoD and base on the same windows) and, through `routing_metrics` (an `evaluate` module or
+    combination taking `routed_tokens`, `tokens`, `mod_kv_bytes`, `base_kv_bytes`), the MoD model's routing counts.
+
+    The row's `executed_fraction` is that of this text and context length alone.
+    """
+    effective = min(context_length, stream.numel())
+    if effective < context_length:
+        logger.warning("%s has %d tokens, fewer than the context length %d: scoring it as one window",
+                       dataset, stream.numel(), context_length)
+    stride = stride or max(effective // 2, 1)
+    stride = min(stride, effective)
+    windows = sliding_windows(stream.numel(), effective, stride)
+    dtype = next(mod.parameters()).dtype
+    totals = {"mod": 0.0, "base": 0.0}
+    count = 0
+    layer_counts = [0] * mod.config.num_hidden_layers
+    window_tokens = 0
+    for begin, end, scored in tqdm(windows, desc=f"perplexity {dataset} @{effective}", disable=not progress):
+        window = stream[begin:end]
+        m = score_window(mod, window, scored, is_mod=True)
+        totals["mod"] += m.nll
+        count += m.count
+        layer_counts = [a + b for a, b in zip(layer_counts, m.routed_tokens)]
+        window_tokens += window.numel()
+        if routing_metrics is not None:
+            routing_metrics.add_batch(
+                routed_tokens=[m.routed_tokens], tokens=[window.numel()],
+                mod_kv_bytes=[m.kv_bytes], base_kv_bytes=[dense_kv_bytes(mod.config, window.numel(), dtype)],
+            )
+        if base is not None:
+            b = score_window(base, window, scored, is_mod=False)
+            if b.count != m.count:
+                raise RuntimeError("MoD and base scored different numbers of tokens")
+            totals["base"] += b.nll
+    return {
+        "dataset": dataset,
+        "context_length": effective,
+        "tokens": count,
+        "mod": math.exp(totals["mod"] / count),
+        "base": math.exp(totals["base"] / count) if base is not None else None,
+        "stride": stride,
+        "windows": len(windows),
+        "executed_fraction": sum(layer_counts) / (window_tokens * len(layer_counts)),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A whole evaluation of a checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    model: str,
+    settings: EvalSettings,
+    *,
+    base: str | None = None,
+    use_base: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+    out: str | os.PathLike | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the MoD checkpoint `model` (folder or Hub id) next to its base; returns the merged results.
+
+    `base`: a folder, Hub id or fetched registry name (default: the checkpoint's `base_model_name_or_path` when it is
+    available locally; `use_base=False` evaluates the MoD model alone). Results go to `out` (default: the checkpoint
+    folder when local, else `./<org--name>`); `command` is recorded with the numbers.
+    """
+    from .tasks import run_lm_eval, task_manager, task_rows
+
+    settings.validate()  # bad input first, before any model is loaded
+    texts = {}
+    for data in settings.data:
+        label = data_label(data, settings.split, settings.data_config)
+        texts[data if label in texts else label] = load_texts(data, settings.text_field, settings.split,
+                                                              settings.data_config)
+    tasks = list(settings.tasks or [])
+    manager = task_manager(tasks, settings.tasks_path) if tasks else None
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+
+    mod, folder, base_model, base_name = load_models(model, base, torch_device, torch_dtype, use_base=use_base)
+    out_dir = Path(out) if out else default_output_dir(model, folder)
+    quality: dict = {}
+    efficiency: dict = {}
+    record: dict = {"model": model, "base": base_name, "device": str(torch_device), "dtype": str(torch_dtype)}
+
+    if texts:
+        import evaluate
+
+        tokenizer = load_tokenizer(folder, base_name)
+        routing_metrics = evaluate.combine([load_metric("executed_fraction"), load_metric("kv_ratio")])
+        rows = []
+        total_tokens = 0
+        for label, docs in texts.items():
+            stream = tokenize_texts(tokenizer, docs, settings.max_tokens)
+            total_tokens += stream.numel()
+            for length in settings.context_lengths:
+                rows.append(evaluate_perplexity(mod, base_model, stream, length, settings.stride, label,
+                                                routing_metrics, progress))
+        routing = routing_metrics.compute()
+        quality["perplexity"] = rows
+        efficiency.update({
+            "executed_fraction": routing["executed_fraction"],
+            "per_layer_routed_fraction": routing["per_layer_routed_fraction"],
+            "kv_ratio": routing["kv_ratio"],
+            "measured_on": {"data": list(texts), "context_lengths": [r["context_length"] for r in rows],
+                            "tokens": total_tokens},
+        })
+        record.update(perplexity=rows, routing=routing)
+        from .plots import plot_executed_fraction
+
+        plot_executed_fraction(routing["per_layer_routed_fraction"], mod.config.routed_layers,
+                               out_dir / "executed_fraction.png",
+                               title=f"{Path(model).name}: executed fraction {routing['executed_fraction']:.3f}")
+    config = mod.config
+    del mod, base_model  # lm-eval loads its own copies
+    if torch_device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    if tasks:
+        batch_size = settings.tasks_batch_size
+        batch_size = batch_size if batch_size == "auto" else int(batch_size)
+        if config.router_kind == "topk" and batch_size != 1:
+            # lm-eval right-pads batches without an attention mask; top-k routing ranks a whole sequence, padding
+            # included, so scores would depend on what a sequence was batched with.
+            logger.warning("top-k routing is not causal in prefill: use --tasks-batch-size 1 for comparable scores")
+        limit = settings.limit
+        limit = int(limit) if limit is not None and limit >= 1 else limit
+        common = dict(manager=manager, device=torch_device, dtype=torch_dtype, batch_size=batch_size, limit=limit,
+                      num_fewshot=settings.num_fewshot)
+        mod_out = run_lm_eval(str(folder), tasks, **common)
+        base_out = run_lm_eval(base_name, tasks, **common) if base_name is not None else None
+        quality["tasks"] = task_rows(mod_out, base_out)
+        record["lm_eval"] = {"mod": mod_out, "base": base_out}
+
+    results = update_results(out_dir / RESULTS_FILENAME, config, model, base_name, command, quality, efficiency)
+    save_record(out_dir / RECORDS_DIRNAME, command=command, **record)
+    return results
+
+
+def save_record(folder: Path, **record) -> None:
+    """`evaluate.save` the full record. It stamps the git commit of the working directory; run it from this
+    package's source tree so the stamp names the code that produced the numbers (and git does not complain about a
+    working directory that is not a repository)."""
+    import contextlib
+
+    import evaluate
+
+    folder = folder.resolve()
+    source = Path(__file__).resolve().parent.parent
+    where = contextlib.chdir(source) if (source / ".git").exists() else contextlib.nullcontext()
+    with where:
+        evaluate.save(str(folder) + os.sep, **record)
