@@ -195,7 +195,7 @@ def _routing_rows(routing: dict) -> list[tuple[str, str]]:
         if name not in routing:
             continue
         value = routing[name]
-        text = ROUTING_VALUE_TEXT.get((name, value), _cell(value))
+        text = ROUTING_VALUE_TEXT.get((name, value), _cell(value)) if isinstance(value, str) else _cell(value)
         if name == "routed_layers":
             text += " (the other layers run every token)"
         elif name == "router_threshold":

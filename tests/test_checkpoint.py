@@ -25,7 +25,7 @@ def test_convert_cli_writes_loadable_checkpoint(tmp_path, arch):
     base_dir = save_base(arch, tmp_path / "base")
     (base_dir / "LICENSE").write_text("base licence text")
     out = tmp_path / "mod"
-    assert cli(["convert", "--base", str(base_dir), "--out", str(out), "--threshold", "0.55"]) == 0
+    assert cli(["convert", "--base", str(base_dir), "--out", str(out), "--router-threshold", "0.55"]) == 0
     assert (out / "LICENSE").read_text() == "base licence text"
     files = sorted(p.name for p in out.iterdir())
     for name in ["config.json", "configuration_mod.py", "modeling_mod.py", "model.safetensors", "tokenizer.json"]:
@@ -102,7 +102,7 @@ def test_unsupported_architecture_is_rejected_before_loading(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flags,message",
-    [(["--threshold", "1.2"], "router_threshold"), (["--routed-layers", "1,7"], "routed_layers")],
+    [(["--router-threshold", "1.2"], "router_threshold"), (["--routed-layers", "1,7"], "routed_layers")],
 )
 def test_bad_routing_arguments_leave_no_output(tmp_path, capsys, flags, message):
     base_dir = save_base("llama", tmp_path / "base")

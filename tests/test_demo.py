@@ -41,8 +41,8 @@ def test_demo_plans_the_real_path_and_every_command_parses(tmp_path, monkeypatch
     held = [f"modification-demo-work/texts/{k}-held_out.txt" for k in KINDS]
     convert, fit, evaluation, bench, card = (parsed[n] for n in ("convert", "fit", "eval", "bench", "card"))
     assert convert.base == "smollm2-135m-instruct" and convert.out == "modification-demo-work/converted"
-    assert fit.model == convert.out and fit.out == "modification-demo" and fit.target == 0.8
-    assert fit.data == train and fit.routed_layers == "auto" and (fit.seq_len, fit.blocks_per_source) == (512, 2)
+    assert fit.model == convert.out and fit.out == "modification-demo" and fit.executed_fraction == 0.8
+    assert fit.data == train and not hasattr(fit, "routed_layers") and (fit.seq_len, fit.blocks_per_source) == (512, 2)
     assert evaluation.model == "modification-demo" and evaluation.base == "smollm2-135m-instruct"
     assert evaluation.data == held and evaluation.context_lengths == [512] and evaluation.max_tokens == 4096
     assert bench.base == "smollm2-135m-instruct" and bench.lengths == [1024, 2048]
@@ -57,14 +57,17 @@ def test_demo_plans_the_real_path_and_every_command_parses(tmp_path, monkeypatch
     steps = demo_steps(own, tmp_path / "out", work, {"kjv": texts["kjv"]}, DemoSettings(executed_fraction=0.7))
     card = parser.parse_args(steps[-1].argv)
     assert card.license is None and parser.parse_args(steps[0].argv).base == str(tmp_path / "my-llama")
-    assert parser.parse_args(steps[1].argv).target == 0.7
+    assert parser.parse_args(steps[1].argv).executed_fraction == 0.7
 
 
 def test_demo_command_line():
     args = build_parser().parse_args(["demo"])
-    assert (args.base, args.target, args.out, args.threads) == ("smollm2-135m-instruct", 0.8, "modification-demo", None)
-    args = build_parser().parse_args(["demo", "--base", "/models/llama", "--target", "0.9", "--threads", "1"])
-    assert (args.base, args.target, args.threads) == ("/models/llama", 0.9, 1)
+    assert (args.base, args.executed_fraction, args.out, args.threads) == (
+        "smollm2-135m-instruct", 0.8, "modification-demo", None)
+    args = build_parser().parse_args(["demo", "--base", "/models/llama", "--executed-fraction", "0.9", "--threads", "1"])
+    assert (args.base, args.executed_fraction, args.threads) == ("/models/llama", 0.9, 1)
+    with pytest.warns(FutureWarning, match="--target is deprecated .* use --executed-fraction"):
+        assert build_parser().parse_args(["demo", "--target", "0.7"]).executed_fraction == 0.7
     for removed in (["--recipe", "lora"], ["--steps", "10"]):  # the demo no longer trains
         with pytest.raises(SystemExit):
             build_parser().parse_args(["demo", *removed])

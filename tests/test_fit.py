@@ -84,7 +84,7 @@ def test_sink_tokens_field_is_validated():
 
 def test_fit_rejects_impossible_budgets():
     model = convert_model(tiny_base("llama", num_layers=4), router_kind="threshold")
-    with pytest.raises(ValueError, match="target executed fraction"):
+    with pytest.raises(ValueError, match=r"executed_fraction must lie in \(0, 1\]"):
         fit_routers(model, _batches(1), FitSettings(executed_fraction=1.5), progress=False)
     with pytest.raises(ValueError, match="routable layers"):
         fit_routers(model, _batches(2), FitSettings(executed_fraction=0.05, max_skip=0.5), progress=False)

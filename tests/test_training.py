@@ -136,7 +136,7 @@ def test_two_process_accelerate_run(text_ckpt, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modification.cli",
         "train", "--model", str(mod), "--out", str(tmp_path / "ddp"), "--data", str(train_file), "--recipe", "routers",
-        "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--router-lr", "0.05", "--load-loss-coef", "1.0",
+        "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--router-learning-rate", "0.05", "--load-loss-coef", "1.0",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
