@@ -152,6 +152,9 @@ def add_field_argument(group, f, tp, *, default: Any, required: bool = False) ->
     """One flag for dataclass field `f` of type `tp`, and its deprecated aliases."""
     help_text = f.metadata["help"] + ("" if required else _default_text(default))
     kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+    old_names = [old for old, new in RENAMED.items() if new == f.name]
+    if required and old_names:  # the old name must satisfy the requirement too: one of them is required
+        group, required = group.add_mutually_exclusive_group(required=True), False
     if tp is bool:
         kwargs.update(nargs=0, const=True)
         group.add_argument(flag(f.name), action="store_const", **{k: v for k, v in kwargs.items() if k != "nargs"})
@@ -174,14 +177,13 @@ def add_field_argument(group, f, tp, *, default: Any, required: bool = False) ->
             kwargs["metavar"] = ("{" + ",".join(map(str, kwargs["choices"])) + "}") if "choices" in kwargs else \
                 f.name.upper()
         group.add_argument(flag(f.name), required=required, **kwargs)
-    for old, new in RENAMED.items():
-        if new == f.name:
-            alias = {k: v for k, v in kwargs.items() if k not in ("help", "metavar", "action")}
-            alias.setdefault("nargs", None)
-            if tp is bool:
-                alias.update(nargs=0, const=True)
-            group.add_argument(flag(old), action=DeprecatedFlag, replacement=flag(new), help=argparse.SUPPRESS,
-                               **alias)
+    for old in old_names:
+        alias = {k: v for k, v in kwargs.items() if k not in ("help", "metavar", "action")}
+        alias.setdefault("nargs", None)
+        if tp is bool:
+            alias.update(nargs=0, const=True)
+        group.add_argument(flag(old), action=DeprecatedFlag, replacement=flag(f.name), help=argparse.SUPPRESS,
+                           **alias)
 
 
 def add_settings_arguments(

@@ -37,3 +37,104 @@ def test_modeling_files_import_only_torch_transformers_and_each_other():
                     inside_try = True
             allowed = {"torch", "transformers", "<relative>", "math", "collections", "dataclasses", "typing", "textwrap"}
             assert inside_try or roots <= allowed, f"{name} imports {roots - allowed}"
+
+
+# The parts of the `modification` package: import name -> folder.
+PARTS = {"modeling": "modeling", "conversion": "conversion", "evaluation": "evaluation", "cli": "cli",
+         "push_scripts": "push_scripts", "model_cards": "model_cards"}
+# Toolkit files allowed above ~400 lines, and why.
+LONG_FILES = {
+    "modeling/modeling_mod.py": "the model, one file as transformers' modeling files are (copied into checkpoints)",
+    "conversion/fit.py": "one measured procedure (costs, router regression, plans, checkpoint) read top to bottom",
+}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for part, folder in PARTS.items():
+        for path in sorted((ROOT / folder).glob("*.py")):
+            name = f"modification.{part}" + ("" if path.stem == "__init__" else f".{path.stem}")
+            modules[name] = path
+    return modules
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules `name` imports anywhere in its file (also inside functions: a circle through a lazy
+    import is still a circle in the design)."""
+    package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        for candidate in candidates:
+            while candidate and candidate not in known:
+                candidate = candidate.rpartition(".")[0]
+            if candidate and candidate != name and candidate.count(".") >= 2:
+                found.add(candidate)
+    return found
+
+
+def test_no_import_circles_between_modules():
+    modules = _modules()
+    graph = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    assert graph["modification.cli.demo"] and graph["modification.evaluation.quality"]  # the scan sees imports
+
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return trail + [start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, trail + [nxt]))
+        return None
+
+    circles = [cycle for cycle in map(cycle_from, graph) if cycle]
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_layers_depend_one_way():
+    """The model knows nothing of the toolkit; conversion knows nothing of evaluation, the CLI or publishing; only
+    the CLI's command modules and the release runner import the CLI."""
+    modules = _modules()
+    for name, path in modules.items():
+        imported = _imports(name, path, set(modules))
+        part = name.split(".")[1]
+        forbidden = {
+            "modeling": {"conversion", "evaluation", "cli", "push_scripts", "model_cards"},
+            "conversion": {"evaluation", "cli", "push_scripts", "model_cards"},
+            "evaluation": {"cli", "push_scripts", "model_cards"},
+            "model_cards": {"cli", "push_scripts", "evaluation"},
+        }.get(part, set())
+        bad = sorted(m for m in imported if m.split(".")[1] in forbidden)
+        assert not bad, f"{name} imports {bad}"
+
+
+def test_toolkit_files_stay_short_or_say_why():
+    for part, folder in PARTS.items():
+        for path in (ROOT / folder).glob("*.py"):
+            relative = path.relative_to(ROOT).as_posix()
+            lines = len(path.read_text().splitlines())
+            assert lines <= 420 or relative in LONG_FILES, f"{relative} has {lines} lines"
+    for relative in LONG_FILES:
+        assert (ROOT / relative).is_file()
+
+
+def test_readme_layout_names_every_module():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    for part, folder in PARTS.items():
+        assert f"`{folder}/`" in layout, folder
+        for path in (ROOT / folder).glob("*.py"):
+            if path.stem not in ("__init__", "__main__"):
+                assert f"`{path.stem}`" in layout or f"`{path.name}`" in layout, f"{folder}/{path.name}"
