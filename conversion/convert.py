@@ -108,6 +108,9 @@ def convert_checkpoint(
     The architecture is checked from the config before any weight is read; the output is written to a temporary
     folder and renamed into place, so a failure never leaves a half-written `out`. `base` may also name a base
     fetched with `modification fetch-base` (`smollm2-135m-instruct`); the checkpoint then records its Hub id.
+
+    The licence of a local base (its README.md metadata) is read here, while the folder is at hand, and kept in the
+    config as `base_model_license` for the model card.
     """
     name = base
     base = base_path(base)  # a fetched known base -> its cached folder; folders and Hub ids unchanged
@@ -123,6 +126,12 @@ def convert_checkpoint(
     )
     model = convert_model(base_model, **routing)
     model.config.base_model_name_or_path = base_hub_id(base) or name  # the Hub id, not a local cache path
+    if Path(base).is_dir():
+        from modification.model_cards.card import find_base_license  # not at the top: the card imports conversion
+
+        licence, _ = find_base_license(base)
+        if licence:
+            model.config.base_model_license = licence
     source = Path(base)
     if not source.is_dir():  # the base's tokenizer and licence files, from the Hub (cache)
         source = Path(snapshot_download(base, revision=revision, allow_patterns=list(TOKENIZER_FILES + LICENSE_FILES)))

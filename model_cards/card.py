@@ -112,10 +112,14 @@ def find_base_license(base: str | None) -> tuple[dict | None, str | None]:
     return (fields, f"the model card of {base}") if fields else (None, None)
 
 
-def resolve_license(license: str | None, bases: list[str | None]) -> tuple[dict, str]:
-    """Licence fields for the card and a sentence saying where they came from. Never guesses silently."""
-    found, source = None, None
-    for base in bases:
+def resolve_license(license: str | None, bases: list[str | None], recorded: dict | None = None) -> tuple[dict, str]:
+    """Licence fields for the card and a sentence saying where they came from. Never guesses silently.
+
+    `recorded` is what `convert` read from a local base folder's card (config.json `base_model_license`): the config
+    names such a base by its folder name only, so the folder cannot be found again."""
+    found = _license_fields(recorded) if recorded else None
+    source = "the base model's card (read when the checkpoint was converted)" if found else None
+    for base in [] if found else bases:
         found, source = find_base_license(base)
         if found:
             break
@@ -320,7 +324,8 @@ def render_card(
     base_id = base_model_id(config, results, base_model)
     if base_id is None:
         logger.warning("the base model has no Hub id here (converted from a local folder?); pass --base-model ORG/NAME")
-    license_fields, license_source = resolve_license(license, [config.base_model_name_or_path, base_id])
+    license_fields, license_source = resolve_license(license, [config.base_model_name_or_path, base_id],
+                                                     getattr(config, "base_model_license", None))
     model_name = repo_id.split("/")[-1]
     entries = eval_results(results)
     data = ModelCardData(
