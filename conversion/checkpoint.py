@@ -17,6 +17,8 @@ from huggingface_hub.errors import StrictDataclassError
 from modification.modeling import MoDConfig, MoDForCausalLM
 from modification.modeling.modeling_mod import torch_varlen_available
 
+from .local_paths import public_name, public_strings
+
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 # The files copied into every checkpoint (they import only torch, transformers and each other).
@@ -113,7 +115,15 @@ def save_checkpoint(
     model: MoDForCausalLM, folder: str | os.PathLike, companions_from: str | os.PathLike | None = None
 ) -> list[str]:
     """Save weights (safetensors), config with `auto_map` and the modeling files into `folder`, plus the tokenizer and
-    licence files of the folder `companions_from` (the model this one was made from); returns the names copied."""
+    licence files of the folder `companions_from` (the model this one was made from); returns the names copied.
+
+    A checkpoint folder is what gets published, so the config's paths of this machine (the base folder, the data of
+    a calibration or fit) are replaced by their public names first, in `model.config` too (`local_paths`)."""
+    config = model.config
+    if config.base_model_name_or_path:
+        config.base_model_name_or_path = public_name(config.base_model_name_or_path)
+    if config.calibration:
+        config.calibration = public_strings(config.calibration)
     model.save_pretrained(folder)
     write_code_files(folder)
     return copy_companion_files(companions_from, folder) if companions_from is not None else []

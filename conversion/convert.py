@@ -109,7 +109,11 @@ def convert_checkpoint(
     folder and renamed into place, so a failure never leaves a half-written `out`. `base` may also name a base
     fetched with `modification fetch-base` (`smollm2-135m-instruct`); the checkpoint then records its Hub id.
 
-    The licence of a local base (its README.md metadata) is read here, while the folder is at hand, and kept in the
+    The recorded base (`base_model_name_or_path`) is a public name, never a path of this machine (`local_paths`): a
+    Hub id stays as it is and a Hub cache snapshot becomes its Hub id, but a local folder is named by its path
+    relative to the working directory (`./llama`), or by its folder name when it lies elsewhere. `eval` and `bench`
+    without `--base` find such a base only from the same working directory; give them `--base` otherwise. The
+    licence of a local base (its README.md metadata) is read here, while the folder is at hand, and kept in the
     config as `base_model_license` for the model card.
     """
     name = base

@@ -19,7 +19,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modification.conversion.checkpoint import CheckpointError, is_hub_id, read_mod_config
-from modification.conversion.results import RESULTS_FILENAME, load_results
+from modification.conversion.local_paths import public_name, public_strings
+from modification.conversion.results import RESULTS_FILENAME, load_results, public_results
 
 
 logger = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ def card_context(config, results: dict | None) -> dict:
     routing = results["routing"] if results else {
         "router_kind": config.router_kind, "routed_layers": list(config.routed_layers),
         "router_threshold": config.router_threshold, "gate_mode": config.gate_mode,
-        "topk_capacity": config.topk_capacity, "calibration": config.calibration,
+        "topk_capacity": config.topk_capacity, "calibration": public_strings(config.calibration),
     }
     ctx: dict[str, Any] = {
         "has_results": results is not None,
@@ -278,12 +279,14 @@ def card_context(config, results: dict | None) -> dict:
 
 
 def load_checkpoint_results(folder: Path, config) -> dict | None:
-    """The checkpoint's results JSON (validated and checked against its config), or None when it has none."""
+    """The checkpoint's results JSON (validated and checked against its config), or None when it has none. Paths of
+    this machine in it (a file written by an older version) are given as their public names: a card never prints
+    one."""
     if not (folder / RESULTS_FILENAME).is_file():
         return None
     results = load_results(folder / RESULTS_FILENAME)
     check_results_match_config(results, config)
-    return results
+    return public_results(results)
 
 
 def base_model_id(config, results: dict | None, base_model: str | None = None) -> str | None:
@@ -342,7 +345,7 @@ def render_card(
         repo_id=repo_id,
         title=model_name,
         base_model_id=base_id,
-        base_model_local=None if base_id else config.base_model_name_or_path,
+        base_model_local=None if base_id else public_name(str(config.base_model_name_or_path)),
         license_text=" / ".join(license_fields[k] for k in ("license", "license_name") if k in license_fields),
         license_source=license_source,
         license_link=license_fields.get("license_link"),
