@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--new-card", action="store_true",
                    help="render a fresh card instead of using the checkpoint's README.md")
     p.add_argument("--commit-message", default=None)
+    p.add_argument("--allow-local-paths", action="store_true",
+                   help="publish files that name paths of this machine (refused by default)")
     add_card_arguments(p)
     p.set_defaults(func=run)
 
@@ -35,10 +37,12 @@ def run(args: argparse.Namespace) -> None:
         args.checkpoint, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
         dry_run=args.dry_run, delete_missing=args.delete_missing, commit_message=args.commit_message,
         base_model=args.base_model, license=args.license, new_card=args.new_card,
+        allow_local_paths=args.allow_local_paths,
     )
     if args.dry_run:
         print(format_plan(plan, revision=args.revision, create_pr=args.create_pr, delete_missing=args.delete_missing))
-        print("verified: modeling files, auto_map, offline load with trust_remote_code, card metadata and numbers")
+        print("verified: modeling files, auto_map, offline load with trust_remote_code, card metadata and numbers"
+              + ("" if args.allow_local_paths else ", no paths of this machine"))
         print("dry run: nothing was uploaded")
         return
     print(f"pushed {len(plan.files)} files to {args.repo_id}")

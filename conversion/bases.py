@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import atomic_output_dir
+from .atomic import atomic_output_dir
 from .corpus import cache_dir
 
 

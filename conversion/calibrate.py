@@ -199,7 +199,8 @@ def calibrate_checkpoint(
     recorded too."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import atomic_output_dir, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
+    from .atomic import atomic_output_dir
+    from .checkpoint import load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
     from .data import load_blocks, split_blocks
     from .results import RESULTS_FILENAME, update_results
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +14,8 @@ from huggingface_hub.errors import StrictDataclassError
 
 from modification.modeling import MoDConfig, MoDForCausalLM
 from modification.modeling.modeling_mod import torch_varlen_available
+
+from .local_paths import public_name, public_strings
 
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
@@ -42,37 +41,6 @@ class CheckpointError(ValueError):
     """A folder or Hub repo that is not a usable MoD checkpoint."""
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `out`; on success it becomes `out`, on error it is removed.
-
-    Nobody ever sees a half-written checkpoint at `out`: either the old content (or nothing) or the new one.
-    """
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # mkdtemp (and some writers) create owner-only files; a checkpoint is meant to be read by others
-    tmp.chmod(0o755)
-    for path in tmp.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # A Hub repo id, `org/name`: the one definition every module uses.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -80,6 +48,24 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def is_hub_id(name: str) -> bool:
     """True for `org/name` repo ids that are not an existing local path."""
     return bool(HUB_ID.match(name)) and not Path(name).exists()
+
+
+def card_license_fields(meta: dict) -> dict | None:
+    """The licence fields (`license`, `license_name`, `license_link`) of a model card's metadata, or None."""
+    if not meta.get("license"):
+        return None
+    return {k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)}
+
+
+def card_license(path: str | os.PathLike) -> dict | None:
+    """The licence fields of the model card (README.md) at `path`, or None when it has none or does not parse."""
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard.load(path, ignore_metadata_errors=True)
+    except (OSError, ValueError):
+        return None
+    return card_license_fields(card.data.to_dict())
 
 
 def stale_code_files(folder: str | os.PathLike) -> list[str]:
@@ -118,7 +104,15 @@ def save_checkpoint(
     model: MoDForCausalLM, folder: str | os.PathLike, companions_from: str | os.PathLike | None = None
 ) -> list[str]:
     """Save weights (safetensors), config with `auto_map` and the modeling files into `folder`, plus the tokenizer and
-    licence files of the folder `companions_from` (the model this one was made from); returns the names copied."""
+    licence files of the folder `companions_from` (the model this one was made from); returns the names copied.
+
+    A checkpoint folder is what gets published, so the config's paths of this machine (the base folder, the data of
+    a calibration or fit) are replaced by their public names first, in `model.config` too (`local_paths`)."""
+    config = model.config
+    if config.base_model_name_or_path:
+        config.base_model_name_or_path = public_name(config.base_model_name_or_path)
+    if config.calibration:
+        config.calibration = public_strings(config.calibration)
     model.save_pretrained(folder)
     write_code_files(folder)
     return copy_companion_files(companions_from, folder) if companions_from is not None else []

@@ -15,7 +15,8 @@ from modification.modeling import MoDConfig, MoDForCausalLM
 from modification.modeling.configuration_mod import ROUTING_FIELDS, SUPPORTED_BASE_MODEL_TYPES
 
 from .bases import base_hub_id, base_path
-from .checkpoint import LICENSE_FILES, TOKENIZER_FILES, atomic_output_dir, save_checkpoint
+from .atomic import atomic_output_dir
+from .checkpoint import LICENSE_FILES, TOKENIZER_FILES, card_license, save_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,13 @@ def convert_checkpoint(
     The architecture is checked from the config before any weight is read; the output is written to a temporary
     folder and renamed into place, so a failure never leaves a half-written `out`. `base` may also name a base
     fetched with `modification fetch-base` (`smollm2-135m-instruct`); the checkpoint then records its Hub id.
+
+    The recorded base (`base_model_name_or_path`) is a public name, never a path of this machine (`local_paths`): a
+    Hub id stays as it is and a Hub cache snapshot becomes its Hub id, but a local folder is named by its path
+    relative to the working directory (`./llama`), or by its folder name when it lies elsewhere. `eval` and `bench`
+    without `--base` find such a base only from the same working directory; give them `--base` otherwise. The
+    licence of a local base (its README.md metadata) is read here, while the folder is at hand, and kept in the
+    config as `base_model_license` for the model card.
     """
     name = base
     base = base_path(base)  # a fetched known base -> its cached folder; folders and Hub ids unchanged
@@ -119,6 +127,8 @@ def convert_checkpoint(
     )
     model = convert_model(base_model, **routing)
     model.config.base_model_name_or_path = base_hub_id(base) or name  # the Hub id, not a local cache path
+    if (Path(base) / "README.md").is_file():
+        model.config.base_model_license = card_license(Path(base) / "README.md")
     source = Path(base)
     if not source.is_dir():  # the base's tokenizer and licence files, from the Hub (cache)
         source = Path(snapshot_download(base, revision=revision, allow_patterns=list(TOKENIZER_FILES + LICENSE_FILES)))

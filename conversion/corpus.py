@@ -170,7 +170,7 @@ def pretrain_base(settings: DemoBaseSettings, progress: bool = True) -> Path:
     """Train (or reuse from the cache) the toy base model: BPE tokenizer + LlamaForCausalLM on the training works."""
     from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments
 
-    from .checkpoint import atomic_output_dir
+    from .atomic import atomic_output_dir
     from .data import PackedBlocks, load_blocks
 
     folder = cache_dir() / "demo" / f"base-{settings.key()}"

@@ -407,7 +407,8 @@ def fit_checkpoint(
     from transformers import AutoTokenizer
 
     from .calibrate import _collect, executed_fraction
-    from .checkpoint import atomic_output_dir, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
+    from .atomic import atomic_output_dir
+    from .checkpoint import load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
     from .results import RESULTS_FILENAME, update_results
 
     folder = resolve_checkpoint(model_path)

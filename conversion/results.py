@@ -41,7 +41,8 @@ Schema (version 1):
       "updated": str          # optional: ISO date of the last merge
     }
 
-Ratios are MoD / base. `peak_memory_ratio` is null where peak memory was not measured (CPU).
+Ratios are MoD / base. `peak_memory_ratio` is null where peak memory was not measured (CPU). The file is published
+with the checkpoint, so it names no path of this machine: `update_results` writes public names (`local_paths`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from .local_paths import public_command, public_name, public_strings
 
 
 logger = logging.getLogger(__name__)
@@ -156,10 +159,31 @@ def load_results(path: str | os.PathLike) -> dict:
 
 def routing_section(config) -> dict:
     """The `routing` section of the results: every routing field of the MoDConfig (`ROUTING_FIELDS`), and what
-    calibration and fitting measured."""
+    calibration and fitting measured (no local path)."""
     from modification.modeling.configuration_mod import ROUTING_FIELDS
 
-    return {**{name: getattr(config, name) for name in ROUTING_FIELDS}, "calibration": config.calibration}
+    return {**{name: getattr(config, name) for name in ROUTING_FIELDS},
+            "calibration": public_strings(config.calibration)}
+
+
+def public_results(results: dict) -> dict:
+    """Replace, in place, every path of this machine in the fields that hold paths (model names, training, the data
+    the numbers were measured on, commands) by its public name; returns `results`."""
+    model = results.get("model") or {}
+    for key in ("name_or_path", "base_model"):
+        if isinstance(model.get(key), str):
+            model[key] = public_name(model[key])
+    if isinstance(results.get("routing"), dict):
+        results["routing"]["calibration"] = public_strings(results["routing"].get("calibration"))
+    if results.get("training"):
+        results["training"] = public_strings(results["training"])
+    for row in (results.get("quality") or {}).get("perplexity", []):
+        row["dataset"] = public_name(row["dataset"])
+    measured = (results.get("efficiency") or {}).get("measured_on")
+    if isinstance(measured, dict):
+        measured["data"] = [public_name(d) for d in measured.get("data", [])]
+    results["commands"] = [public_command(c) for c in results.get("commands", [])]
+    return results
 
 
 def update_results(
@@ -176,7 +200,8 @@ def update_results(
 
     Perplexity rows replace earlier rows for the same (dataset, context_length), task rows those for the same
     (task, metric); efficiency keys and `extra` top-level keys (e.g. `training`) are overwritten. If the checkpoint's routing changed since the file was written,
-    its old numbers describe another model: they are dropped (the `training` section is kept).
+    its old numbers describe another model: they are dropped (the `training` section is kept). Paths of this machine
+    (names, data, commands; new and earlier ones) are written as their public names (`public_results`).
     """
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     routing = routing_section(config)
@@ -186,6 +211,7 @@ def update_results(
             results = validate_results(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); move it away or fix it") from err
+        public_results(results)  # a file written before paths were made public compares like a new one
         if json.loads(json.dumps(results["routing"])) != json.loads(json.dumps(routing)):
             logger.warning("the routing in %s differs from the checkpoint's: starting fresh results", path)
             results = {"training": results.get("training"), "created": now}
@@ -204,6 +230,8 @@ def update_results(
     results.setdefault("commands", [])
     results["updated"] = now
     for key, rows in (quality or {}).items():
+        if key == "perplexity":  # public names before merging: rows are matched by their dataset name
+            rows = [{**row, "dataset": public_name(row["dataset"])} for row in rows]
         keys = ("dataset", "context_length") if key == "perplexity" else ("task", "metric")
         new = {tuple(r[k] for k in keys) for r in rows}
         kept = [r for r in results["quality"].get(key, []) if tuple(r.get(k) for k in keys) not in new]
@@ -212,6 +240,7 @@ def update_results(
     results.update(extra or {})
     if command is not None:
         results["commands"].append(command)
+    public_results(results)
     validate_results(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

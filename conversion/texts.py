@@ -22,17 +22,16 @@ The last-word task built from the held-out parts is in `modification.evaluation.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 import unicodedata
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
+from .atomic import atomic_write_text
 from .corpus import CORPUS_DESCRIPTION, cache_dir, corpus_files
 
 
@@ -69,26 +68,6 @@ def texts_dir() -> Path:
 # --------------------------------------------------------------------------------------------------------------------
 # Writing files
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and a rename: a reader sees the old file
-    or the new one, never half of it, and a failed write leaves no temporary file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; the cache is shared like the rest of it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,8 +18,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from modification.conversion.checkpoint import HUB_ID, CheckpointError, is_hub_id, read_mod_config
-from modification.conversion.results import RESULTS_FILENAME, load_results, routing_section
+from modification.conversion.checkpoint import (
+    HUB_ID, CheckpointError, card_license, card_license_fields, is_hub_id, read_mod_config,
+)
+from modification.conversion.local_paths import public_name
+from modification.conversion.results import RESULTS_FILENAME, load_results, public_results, routing_section
 from modification.conversion.settings import RECIPES
 from modification.modeling.configuration_mod import ROUTING_FIELDS
 
@@ -73,20 +76,6 @@ def _cell(value: Any) -> str:
 # Licence: from an explicit value, else the base model's own card, else "other (unknown)" with a warning.
 
 
-def _read_front_matter(path: Path) -> dict:
-    try:
-        card = ModelCard.load(path, ignore_metadata_errors=True)
-    except (OSError, ValueError):
-        return {}
-    return card.data.to_dict()
-
-
-def _license_fields(meta: dict) -> dict | None:
-    if not meta.get("license"):
-        return None
-    return {k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)}
-
-
 def find_base_license(base: str | None) -> tuple[dict | None, str | None]:
     """The licence fields of the base model's card and where they were found, or (None, None).
 
@@ -97,7 +86,7 @@ def find_base_license(base: str | None) -> tuple[dict | None, str | None]:
     folder = Path(base)
     if folder.is_dir():
         card = folder / CARD_FILENAME
-        fields = _license_fields(_read_front_matter(card)) if card.is_file() else None
+        fields = card_license(card) if card.is_file() else None
         return (fields, "the base model's card in the base folder") if fields else (None, None)
     if not is_hub_id(base):
         return None, None
@@ -105,7 +94,7 @@ def find_base_license(base: str | None) -> tuple[dict | None, str | None]:
 
     cached = try_to_load_from_cache(base, CARD_FILENAME)
     if isinstance(cached, str):
-        fields = _license_fields(_read_front_matter(Path(cached)))
+        fields = card_license(Path(cached))
         return (fields, f"the model card of {base} (Hub cache)") if fields else (None, None)
     if constants.HF_HUB_OFFLINE:
         return None, None
@@ -114,14 +103,18 @@ def find_base_license(base: str | None) -> tuple[dict | None, str | None]:
     except Exception as err:  # network, gated repo, missing card: all mean "not found here"
         logger.warning("could not read the model card of %s for its licence: %s", base, err)
         return None, None
-    fields = _license_fields(_read_front_matter(Path(path)))
+    fields = card_license(Path(path))
     return (fields, f"the model card of {base}") if fields else (None, None)
 
 
-def resolve_license(license: str | None, bases: list[str | None]) -> tuple[dict, str]:
-    """Licence fields for the card and a sentence saying where they came from. Never guesses silently."""
-    found, source = None, None
-    for base in bases:
+def resolve_license(license: str | None, bases: list[str | None], recorded: dict | None = None) -> tuple[dict, str]:
+    """Licence fields for the card and a sentence saying where they came from. Never guesses silently.
+
+    `recorded` is what `convert` read from a local base folder's card (config.json `base_model_license`): the config
+    names such a base by its folder name only, so the folder cannot be found again."""
+    found = card_license_fields(recorded) if recorded else None
+    source = "the base model's card (read when the checkpoint was converted)" if found else None
+    for base in [] if found else bases:
         found, source = find_base_license(base)
         if found:
             break
@@ -277,12 +270,14 @@ def card_context(config, results: dict | None) -> dict:
 
 
 def load_checkpoint_results(folder: Path, config) -> dict | None:
-    """The checkpoint's results JSON (validated and checked against its config), or None when it has none."""
+    """The checkpoint's results JSON (validated and checked against its config), or None when it has none. Paths of
+    this machine in it (a file written by an older version) are given as their public names: a card never prints
+    one."""
     if not (folder / RESULTS_FILENAME).is_file():
         return None
     results = load_results(folder / RESULTS_FILENAME)
     check_results_match_config(results, config)
-    return results
+    return public_results(results)
 
 
 def base_model_id(config, results: dict | None, base_model: str | None = None) -> str | None:
@@ -323,7 +318,8 @@ def render_card(
     base_id = base_model_id(config, results, base_model)
     if base_id is None:
         logger.warning("the base model has no Hub id here (converted from a local folder?); pass --base-model ORG/NAME")
-    license_fields, license_source = resolve_license(license, [config.base_model_name_or_path, base_id])
+    license_fields, license_source = resolve_license(license, [config.base_model_name_or_path, base_id],
+                                                     config.base_model_license)
     model_name = repo_id.split("/")[-1]
     entries = eval_results(results)
     data = ModelCardData(
@@ -340,7 +336,7 @@ def render_card(
         repo_id=repo_id,
         title=model_name,
         base_model_id=base_id,
-        base_model_local=None if base_id else config.base_model_name_or_path,
+        base_model_local=None if base_id else public_name(str(config.base_model_name_or_path)),
         license_text=" / ".join(license_fields[k] for k in ("license", "license_name") if k in license_fields),
         license_source=license_source,
         license_link=license_fields.get("license_link"),

@@ -90,6 +90,8 @@ class MoDConfig(PreTrainedConfig):
         base_model_type (`str`, *optional*): the `model_type` of the model this one was converted from.
         base_model_name_or_path (`str`, *optional*): the Hub id (or the name given) of the model it was converted
             from; never an absolute local path in a published checkpoint.
+        base_model_license (`dict`, *optional*): the licence fields of the base model's card, read by `convert` from a
+            local base folder (the folder itself is not named in a published checkpoint).
         calibration (`dict`, *optional*): what threshold calibration and router fitting measured.
 
     `router_aux_loss_coef` (the Mixtral name) reads and sets the coefficient of the current router kind's auxiliary
@@ -198,6 +200,7 @@ class MoDConfig(PreTrainedConfig):
     # Provenance
     base_model_type: str | None = None
     base_model_name_or_path: str | None = None
+    base_model_license: dict | None = None
     calibration: dict | None = None
 
     def __post_init__(self, **kwargs):

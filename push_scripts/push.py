@@ -3,7 +3,8 @@
 Verification runs before anything touches the network: the folder must be a MoD checkpoint whose modeling files are
 this package's (present and byte-identical), whose config.json has `auto_map`, that loads offline through
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` with the checkpoint's own code, and whose model card
-(README.md, rendered now when the folder has none) has valid metadata and exactly the numbers of its results.json.
+(README.md, rendered now when the folder has none) has valid metadata and exactly the numbers of its results.json,
+and whose files name no path of this machine (home folder, caches, temp folders; `allow_local_paths` overrides).
 Only checkpoint files are uploaded (weights, config, code, tokenizer, card, results); anything else in the folder is
 listed as skipped. Remote files are never deleted unless `delete_missing` is asked for.
 """
@@ -29,6 +30,7 @@ from modification.conversion.checkpoint import (
     resolve_checkpoint,
     stale_code_files,
 )
+from modification.conversion.local_paths import local_path_problems
 from modification.conversion.results import RESULTS_FILENAME
 from modification.model_cards.card import CARD_FILENAME, card_problems, render_card
 
@@ -170,13 +172,27 @@ def load_check(folder: Path) -> str:
     return f"{cls.__module__}.{cls.__name__}"
 
 
-def verify_checkpoint(plan: UploadPlan) -> str:
+def refuse_local_paths(plan: UploadPlan) -> None:
+    """Raise a `CheckpointError` naming each file and field of the upload that holds a path of this machine."""
+    found = local_path_problems(plan.files)
+    if found:
+        raise CheckpointError(
+            f"{plan.folder} would publish paths of this machine (they show your home folder and cache layout and "
+            "mean nothing elsewhere):\n" + "\n".join(f"  - {p}" for p in found) + "\n"
+            "Write the checkpoint again with this version of modification (convert, fit, calibrate and eval write "
+            "public names), or edit those fields, then push again; --allow-local-paths publishes them as they are."
+        )
+
+
+def verify_checkpoint(plan: UploadPlan, *, allow_local_paths: bool = False) -> str:
     """Raise a `CheckpointError` listing every problem; returns the class the checkpoint loads as."""
     problems = file_problems(plan)
     if problems:
         raise CheckpointError(
             f"{plan.folder} is not ready to publish:\n" + "\n".join(f"  - {p}" for p in problems)
         )
+    if not allow_local_paths:
+        refuse_local_paths(plan)
     return load_check(plan.folder)
 
 
@@ -223,15 +239,17 @@ def push_checkpoint(
     base_model: str | None = None,
     license: str | None = None,
     new_card: bool = False,
+    allow_local_paths: bool = False,
 ) -> tuple[UploadPlan, object | None]:
     """Verify and upload `checkpoint` (folder or Hub id) to `repo_id`; returns the plan and the `CommitInfo`.
 
     With `dry_run` everything is verified and nothing is sent (no token needed); the `CommitInfo` is None.
+    `allow_local_paths` publishes files that name paths of this machine instead of refusing them.
     """
     token = None if dry_run else require_token()  # fail before the slow checks
     folder = resolve_checkpoint(checkpoint)
     plan = plan_upload(folder, repo_id, base_model=base_model, license=license, new_card=new_card)
-    verify_checkpoint(plan)
+    verify_checkpoint(plan, allow_local_paths=allow_local_paths)
     if dry_run:
         return plan, None
 

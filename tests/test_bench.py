@@ -9,6 +9,7 @@ from helpers import save_base
 from test_evaluation import _png_ok, _routed_checkpoint, _write_text
 
 from modification.cli.main import main as cli
+from modification.conversion.local_paths import public_command
 from modification.conversion.results import load_results
 
 
@@ -75,7 +76,8 @@ def test_bench_json_has_every_field_with_sane_values(tmp_path, capsys, with_text
     assert efficiency["latency"][0]["prefill_latency_ratio"] == bench["prefill"][0]["latency_ratio"]
     assert [r["batch_size"] for r in efficiency["decode"]] == [1, 2]
     assert efficiency["hardware"]["device_type"] == "cpu"
-    assert results["commands"] == [bench["command"]]
+    # bench.json stays here and keeps the command as run; results.json is published and names no local path
+    assert results["commands"] == [public_command(bench["command"])] and str(tmp_path) not in results["commands"][0]
     assert "latency ratio" in capsys.readouterr().out
 
 

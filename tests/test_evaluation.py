@@ -95,16 +95,17 @@ def test_converted_dense_model_has_the_base_perplexity(tmp_path, capsys):
     assert "perplexity text.txt @64" in capsys.readouterr().out
 
 
-def test_executed_fraction_matches_router_decisions(tmp_path):
+def test_executed_fraction_matches_router_decisions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the checkpoint names its base folder by its path relative to the working directory
     base_dir = save_base("llama", tmp_path / "base")
     ck = _routed_checkpoint(tmp_path / "mod", base_dir)
     text = _write_text(tmp_path / "text.txt", 150, seed=1)
     out = tmp_path / "out"
-    # No --base: the checkpoint's base_model_name_or_path is a local folder, so it is used.
+    # No --base: the checkpoint's base_model_name_or_path is a local folder (found from here), so it is used.
     assert cli(["eval", "--model", str(ck), "--data", str(text), "--context-lengths", "256", "--out", str(out),
                 "--no-progress"]) == 0
     results = load_results(out)
-    assert results["model"]["base_model"] == str(base_dir)
+    assert results["model"]["base_model"] == "./base"
     assert results["quality"]["perplexity"][0]["base"] is not None
 
     # Count from the slow reference implementation's routing masks on the same (single-window) stream.

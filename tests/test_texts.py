@@ -15,7 +15,7 @@ import torch
 from helpers import reference_text_files
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modification.conversion import texts
+from modification.conversion import atomic, texts
 from modification.conversion.bases import DEFAULT_BASE, bases_dir
 from modification.conversion.texts import TEXT_KINDS, atomic_write_text, prepare_texts
 from modification.evaluation import last_word
@@ -137,7 +137,7 @@ def test_texts_are_written_once_and_atomically(monkeypatch, tmp_path):
     def broken_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(texts.os, "fsync", broken_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(target, "new text")
     assert target.read_text() == before

@@ -36,7 +36,10 @@ def test_router_recipe_changes_only_routers(text_ckpt, tmp_path):
     out = train(str(mod), tmp_path / "out", _settings(train_file, recipe="routers", steps=3), progress=False)
     for name in ("tokenizer.json", "tokenizer_config.json", "LICENSE"):  # travel byte for byte
         assert (out / name).read_bytes() == (mod / name).read_bytes(), name
-    assert json.loads((out / "results.json").read_text())["model"]["name_or_path"] == str(tmp_path / "out")
+    results = json.loads((out / "results.json").read_text())
+    # published with the checkpoint: folders outside the working directory are named, not given as local paths
+    assert results["model"]["name_or_path"] == "out" and results["training"]["initial_checkpoint"] == "mod"
+    assert results["training"]["data"] == [train_file.name]
     before, after = load_file(mod / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
