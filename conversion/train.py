@@ -23,8 +23,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from modification.modeling import MoDForCausalLM
 
 from .calibrate import routed_fraction_for_target
+from .atomic import atomic_output_dir
 from .checkpoint import (
-    atomic_output_dir, fastest_attn_implementation, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint,
+    fastest_attn_implementation, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint,
 )
 from .data import PackedBlocks, load_blocks, mix_blocks, split_blocks
 from .results import RESULTS_FILENAME, update_results
