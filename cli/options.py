@@ -191,24 +191,20 @@ def add_settings_arguments(
     cls,
     *,
     title: str | None = None,
-    include: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] = (),
     required: tuple[str, ...] | None = None,
-    defaults: dict | None = None,
 ) -> None:
-    """Flags for the fields of settings dataclass `cls` (see the module docstring). `required` overrides the fields'
-    own `required` metadata; `defaults` only changes the default shown in the help (pass it on to
-    `settings_from_args` too)."""
+    """Flags for the fields of settings dataclass `cls` (see the module docstring), in a group named `title`;
+    `required` overrides the fields' own `required` metadata."""
     from modification.conversion.settings import field_default, settings_fields
 
     hints = field_types(cls)
     group = parser.add_argument_group(title) if title else parser
     for f in settings_fields(cls):
-        if f.name in exclude or (include is not None and f.name not in include):
+        if f.name in exclude:
             continue
         is_required = f.metadata.get("required", False) if required is None else f.name in required
-        default = (defaults or {}).get(f.name, field_default(f))
-        add_field_argument(group, f, hints[f.name], default=default, required=is_required)
+        add_field_argument(group, f, hints[f.name], default=field_default(f), required=is_required)
 
 
 def settings_from_args(cls, args: argparse.Namespace, **overrides: Any):
