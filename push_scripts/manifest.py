@@ -165,11 +165,14 @@ def load_manifest(path: str | Path) -> dict:
 
 
 def _section(spec: dict, key: str, where: str) -> dict | None:
+    """A step's section (None when absent or null), deprecated keys renamed with a warning, checked against the
+    step's keys."""
     value = spec.get(key)
     if value is None:
         return None
     if not isinstance(value, dict):
         _fail(f"{where}.{key}", "must be a mapping (or null to skip the step)")
+    value = _renamed(value, SECTION_KEYS[key], f"{where}.{key}")
     _check_keys(value, SECTION_KEYS[key], f"{where}.{key}")
     return value
 
@@ -245,18 +248,6 @@ def _fields_args(section: dict, field_map: dict, hints: dict, where: str, member
     return fields_argv({key: values[key] for key in field_map if key in values}, field_map)  # declaration order
 
 
-def _settings_section(spec: dict, name: str, where: str) -> dict | None:
-    """A settings section with deprecated keys renamed (and warned about), checked against its fields."""
-    value = spec.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        _fail(f"{where}.{name}", "must be a mapping (or null to skip the step)")
-    value = _renamed(value, SECTION_KEYS[name], f"{where}.{name}")
-    _check_keys(value, SECTION_KEYS[name], f"{where}.{name}")
-    return value
-
-
 def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
     """The steps of one member, each a `modification` command line; outputs go under `work_dir/name`."""
     from modification.modeling.configuration_mod import MoDConfig
@@ -286,7 +277,7 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
 
     train_seq_len = None
     for step in ("fit", "train", "calibrate"):
-        section = _settings_section(spec, step, where)
+        section = _section(spec, step, where)
         if section is None:
             continue
         cls = SETTINGS_SECTIONS[step]
@@ -300,7 +291,7 @@ def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
                                               *_extra(section, f"{where}.{step}")]))
         current = out
 
-    evaluation = _settings_section(spec, "eval", where)
+    evaluation = _section(spec, "eval", where)
     if evaluation is not None:
         # eval writes results.json into the checkpoint folder it measures, where push and the card read it
         args = _fields_args(evaluation, settings_field_map(EvalSettings), field_types(EvalSettings),
