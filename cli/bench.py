@@ -18,7 +18,7 @@ def register(sub) -> None:
                        description=__doc__)
     add_model_argument(p)
     add_base_argument(p)
-    add_settings_arguments(p, BenchSettings, title="benchmark")
+    add_settings_arguments(p, BenchSettings, "benchmark")
     add_device_arguments(p)
     add_out_argument(p, required=False, help="folder for bench.json, bench.png and results.json (default: the "
                                              "checkpoint folder if local, else ./<org--name>)")

@@ -10,14 +10,12 @@ from .options import add_model_argument, add_out_argument, add_overwrite_argumen
 
 
 def register(sub) -> None:
-    from modification.conversion.settings import CalibrateSettings, DataSettings
+    from modification.conversion.settings import CalibrateSettings
 
     p = sub.add_parser("calibrate", help="set thresholds so executed compute hits a target fraction",
                        description=__doc__)
     add_model_argument(p)
-    add_settings_arguments(p, DataSettings, title="data", required=("data",))
-    add_settings_arguments(p, CalibrateSettings, title="calibration",
-                           exclude=tuple(DataSettings.__dataclass_fields__))
+    add_settings_arguments(p, CalibrateSettings, "calibration")
     add_out_argument(p, required=False, help="output folder (default: update --model in place)")
     add_overwrite_argument(p)
     p.set_defaults(func=run)

@@ -19,7 +19,7 @@ def register(sub) -> None:
     add_model_argument(p)
     add_base_argument(p)
     p.add_argument("--no-base", action="store_true", help="evaluate the MoD model alone")
-    add_settings_arguments(p, EvalSettings, title="evaluation")
+    add_settings_arguments(p, EvalSettings, "evaluation")
     add_device_arguments(p)
     add_out_argument(p, required=False, help="folder for results.json, plots and records (default: the checkpoint "
                                              "folder if local, else ./<org--name>)")
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
         device=args.device, dtype=args.dtype, out=args.out, command=command_line(args), progress=not args.no_progress,
     )
     print_summary(results)
-    out = args.out or default_output_dir(args.model, None)
+    out = args.out or default_output_dir(args.model)
     print(f"wrote {out}/{RESULTS_FILENAME}")
     return results
 

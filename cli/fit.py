@@ -12,14 +12,13 @@ from .options import (
 
 
 def register(sub) -> None:
-    from modification.conversion.settings import DataSettings, FitSettings
+    from modification.conversion.settings import FitSettings
 
     p = sub.add_parser("fit", help="set routers from a few passes on calibration text (no training), to a budget",
                        description=__doc__)
     add_model_argument(p, "MoD checkpoint (from `convert`): folder or Hub id")
     add_out_argument(p)
-    add_settings_arguments(p, DataSettings, title="data", required=("data",))
-    add_settings_arguments(p, FitSettings, title="fit", exclude=tuple(DataSettings.__dataclass_fields__))
+    add_settings_arguments(p, FitSettings, "fit")
     add_overwrite_argument(p)
     add_progress_argument(p)
     p.set_defaults(func=run)

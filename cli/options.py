@@ -4,7 +4,7 @@ Every option of a step is declared once: the routing fields on `MoDConfig` (`ROU
 dataclasses (`conversion/settings.py`, `evaluation/settings.py`). `add_settings_arguments` turns those fields into
 flags (field `router_threshold` -> `--router-threshold`, with the field's type, default and help), and
 `settings_from_args` / `routing_from_args` read them back, keeping only what was given, so every default lives in
-the declaration. `settings_argv` goes the other way (values -> command-line arguments), for the release manifest.
+the declaration. `fields_argv` goes the other way (values -> command-line arguments), for the release manifest.
 
 Renamed flags keep working for one release as deprecated aliases (`RENAMED`): they warn with a `FutureWarning`
 naming the new flag.
@@ -13,7 +13,6 @@ naming the new flag.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 import types
@@ -79,19 +78,18 @@ def parse_value(text: str, tp) -> Any:
     members = type_members(tp)
     scalars = [t for t in members if typing.get_origin(t) is not list]
     lists = [t for t in members if typing.get_origin(t) is list]
-    errors = []
     if "," not in text or not lists:
         for t in scalars:
             try:
                 return _scalar(text, t)
-            except (TypeError, ValueError) as err:
-                errors.append(str(err))
+            except (TypeError, ValueError):
+                pass
     for t in lists:
         (item,) = typing.get_args(t)
         try:
             return comma_list(text, item)
-        except (TypeError, ValueError) as err:
-            errors.append(str(err))
+        except (TypeError, ValueError):
+            pass
     kinds = " or ".join(describe_type(t) for t in members)
     raise argparse.ArgumentTypeError(f"expected {kinds}, got {text!r}")
 
@@ -186,45 +184,35 @@ def add_field_argument(group, f, tp, *, default: Any, required: bool = False) ->
                            **alias)
 
 
-def add_settings_arguments(
-    parser: argparse.ArgumentParser,
-    cls,
-    *,
-    title: str | None = None,
-    exclude: tuple[str, ...] = (),
-    required: tuple[str, ...] | None = None,
-) -> None:
-    """Flags for the fields of settings dataclass `cls` (see the module docstring), in a group named `title`;
-    `required` overrides the fields' own `required` metadata."""
-    from modification.conversion.settings import field_default, settings_fields
+def add_settings_arguments(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    """Flags for the fields of settings dataclass `cls` (see the module docstring): the `DataSettings` fields in a
+    group "data", the others in a group named `title`."""
+    from modification.conversion.settings import data_fields, field_default, settings_fields
 
     hints = field_types(cls)
-    group = parser.add_argument_group(title) if title else parser
+    groups = {True: parser.add_argument_group("data"), False: parser.add_argument_group(title)}
     for f in settings_fields(cls):
-        if f.name in exclude:
-            continue
-        is_required = f.metadata.get("required", False) if required is None else f.name in required
-        add_field_argument(group, f, hints[f.name], default=field_default(f), required=is_required)
+        add_field_argument(groups[f.name in data_fields()], f, hints[f.name], default=field_default(f),
+                           required=f.metadata.get("required", False))
 
 
-def settings_from_args(cls, args: argparse.Namespace, **overrides: Any):
+def settings_from_args(cls, args: argparse.Namespace):
     """An instance of settings dataclass `cls` from parsed flags: what was given, the declared defaults for the rest."""
     from modification.conversion.settings import settings_fields
 
-    given = {f.name: getattr(args, f.name) for f in settings_fields(cls) if hasattr(args, f.name)}
-    return cls(**{**given, **overrides})
+    return cls(**{f.name: getattr(args, f.name) for f in settings_fields(cls) if hasattr(args, f.name)})
 
 
 def add_routing_arguments(parser: argparse.ArgumentParser) -> None:
     """The routing flags of `convert`: one per `MoDConfig` routing field, defaults and help from its declaration."""
+    from modification.conversion.settings import field_default
     from modification.modeling.configuration_mod import ROUTING_FIELDS, MoDConfig
 
     hints = field_types(MoDConfig, ROUTING_FIELDS)
     group = parser.add_argument_group("routing (MoDConfig fields; defaults are the config's)")
     for name in ROUTING_FIELDS:
         f = MoDConfig.__dataclass_fields__[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        add_field_argument(group, f, hints[name], default=default)
+        add_field_argument(group, f, hints[name], default=field_default(f))
 
 
 def routing_from_args(args: argparse.Namespace) -> dict:

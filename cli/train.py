@@ -11,13 +11,12 @@ from .options import add_model_argument, add_out_argument, add_overwrite_argumen
 
 
 def register(sub) -> None:
-    from modification.conversion.settings import DataSettings, TrainSettings
+    from modification.conversion.settings import TrainSettings
 
     p = sub.add_parser("train", help="train routers (and LoRA or all weights) of a MoD checkpoint", description=__doc__)
     add_model_argument(p)
     add_out_argument(p, help="output folder for the trained, standalone checkpoint")
-    add_settings_arguments(p, DataSettings, title="data", required=("data",))
-    add_settings_arguments(p, TrainSettings, title="training", exclude=tuple(DataSettings.__dataclass_fields__))
+    add_settings_arguments(p, TrainSettings, "training")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: <out>-checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --checkpoint-dir")
     p.add_argument("--save-adapter", action="store_true", help="also write the LoRA adapter to <out>/adapter")

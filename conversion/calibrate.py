@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from modification.modeling import MoDForCausalLM
 
+from .local_paths import data_names
 from .settings import CalibrateSettings
 
 
@@ -231,7 +232,7 @@ def calibrate_checkpoint(
         _, routed = _collect(model, [{"input_ids": b[None]} for b in held_out[0]])
         record["held_out_executed_fraction"] = round(executed_fraction(routed), 6)
         record["held_out_tokens"] = int(held_out[0].numel())
-    record["data"] = [Path(d).name if Path(d).exists() else d for d in settings.data]  # no local paths in a published config
+    record["data"] = data_names(settings.data)
     fit = (read_mod_config(folder).calibration or {}).get("fit")
     if fit:
         record["fit"] = fit

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from modification.modeling import MoDConfig, MoDForCausalLM
 
+from .local_paths import data_names
 from .settings import FitSettings, data_fields
 
 @dataclass
@@ -433,7 +434,7 @@ def fit_checkpoint(
         _, routed = _collect(model, held)
         calibration["held_out_executed_fraction"] = round(executed_fraction(routed), 6)
         calibration["held_out_tokens"] = int(sum(b["input_ids"].numel() for b in held))
-    calibration["data"] = [Path(d).name if Path(d).exists() else d for d in settings.data]
+    calibration["data"] = data_names(settings.data)
     model.config.calibration = calibration
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_checkpoint(model, tmp, companions_from=folder)

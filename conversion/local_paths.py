@@ -104,6 +104,12 @@ def public_name(value: str) -> str:
     return _public(value, in_command=False)
 
 
+def data_names(sources: list[str]) -> list[str]:
+    """How configs and results name data sources: a local file or folder by its name (which text, not where it lies
+    on this machine), a dataset id as it is."""
+    return [Path(s).name if Path(s).exists() else public_name(s) for s in sources]
+
+
 def public_strings(value: Any) -> Any:
     """A JSON-like `value` (dicts, lists, strings, numbers) with every string passed through `public_name`."""
     if isinstance(value, str):

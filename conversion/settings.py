@@ -48,13 +48,17 @@ RECIPES = {
 DEFAULT_LEARNING_RATE = {"routers": 1e-4, "lora": 1e-4, "full": 3e-5}
 
 
+def data_setting(required: bool) -> Any:
+    """The `data` field: required by the steps that cannot run without text (fit, train, calibrate)."""
+    return setting([], ".txt/.jsonl/.json files or folders, save_to_disk folders, or datasets.load_dataset names",
+                   nargs="+", required=required)
+
+
 @dataclass
 class DataSettings:
     """The text a step reads (see `conversion/data.py` for what a source can be)."""
 
-    data: list[str] = setting(
-        [], ".txt/.jsonl/.json files or folders, save_to_disk folders, or datasets.load_dataset names", nargs="+"
-    )
+    data: list[str] = data_setting(required=False)
     text_field: str = setting("text", "field holding the text in jsonl/json/datasets records")
     split: str = setting("train", "split of a datasets source")
     data_config: str | None = setting(None, "config of a datasets source (e.g. wikitext-2-raw-v1)")
@@ -64,6 +68,7 @@ class DataSettings:
 class FitSettings(DataSettings):
     """How `modification fit` sets routers from measurement, no training (see `conversion/fit.py`)."""
 
+    data: list[str] = data_setting(required=True)
     executed_fraction: float = setting(0.8, "executed fraction of token-layer work to reach (1.0 = dense)",
                                        required=True)
     routed_layers: Literal["auto"] | list[int] = setting(
@@ -86,6 +91,7 @@ class FitSettings(DataSettings):
 class TrainSettings(DataSettings):
     """What `modification train` does (see `conversion/train.py`)."""
 
+    data: list[str] = data_setting(required=True)
     recipe: str = setting("lora", "routers: routers only; lora: routers + LoRA on attention/MLP, merged at the end; "
                                   "full: every weight (the paper's recipe)", choices=tuple(RECIPES))
     steps: int = setting(200, "optimizer steps")
@@ -130,6 +136,7 @@ class TrainSettings(DataSettings):
 class CalibrateSettings(DataSettings):
     """How `modification calibrate` sets thresholds to a compute budget (see `conversion/calibrate.py`)."""
 
+    data: list[str] = data_setting(required=True)
     executed_fraction: float = setting(0.75, "executed fraction of token-layer work to reach", required=True)
     seq_len: int = setting(512, "tokens per calibration block")
     max_blocks: int = setting(16, "calibration blocks of seq_len tokens")

@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .data import PackedBlocks, load_blocks, mix_blocks, split_blocks
 from .results import RESULTS_FILENAME, update_results
+from .local_paths import data_names
 from .settings import DEFAULT_LEARNING_RATE, TrainSettings
 
 
@@ -247,7 +248,7 @@ def training_record(settings: TrainSettings, model_path: str, trainer: Trainer, 
     args = trainer.args
     tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
         args.world_size * settings.seq_len
-    record = asdict(settings)
+    record = {**asdict(settings), "data": data_names(settings.data)}
     record.update(
         initial_checkpoint=model_path,
         learning_rate=args.learning_rate,

@@ -360,7 +360,7 @@ def benchmark_checkpoint(
         decode_prompt_len=settings.decode_prompt_length, seed=settings.seed, progress=progress,
         executed_fraction=settings.executed_fraction, prompt_ids=prompt_ids,
     )
-    out_dir = Path(out) if out else default_output_dir(model, folder)
+    out_dir = Path(out) if out else default_output_dir(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "command": command, "model": model, "base": base_name,

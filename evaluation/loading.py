@@ -109,7 +109,7 @@ def load_tokenizer(folder: Path, base_name: str | None = None):
     raise ValueError(f"no tokenizer found in {folder}" + (f" nor in {base_name}" if base_name else ""))
 
 
-def default_output_dir(model: str, folder: Path) -> Path:
+def default_output_dir(model: str) -> Path:
     """Where results go without --out: the checkpoint folder when it is a local folder outside the Hub cache, else
     `./<org--name>` (never write into the Hub cache)."""
     if Path(model).is_dir() and "snapshots" not in Path(model).resolve().parts:

@@ -222,7 +222,7 @@ def evaluate_checkpoint(
     torch_dtype = pick_dtype(dtype, torch_device)
 
     mod, folder, base_model, base_name = load_models(model, base, torch_device, torch_dtype, use_base=use_base)
-    out_dir = Path(out) if out else default_output_dir(model, folder)
+    out_dir = Path(out) if out else default_output_dir(model)
     quality: dict = {}
     efficiency: dict = {}
     record: dict = {"model": model, "base": base_name, "device": str(torch_device), "dtype": str(torch_dtype)}

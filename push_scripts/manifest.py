@@ -18,12 +18,13 @@ import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 import yaml
 
 from modification.cli.options import (
-    RENAMED, deprecation_message, field_types, fields_argv, parse_value, routing_field_map, settings_field_map,
+    RENAMED, deprecation_message, describe_type, field_types, fields_argv, format_value, parse_value,
+    routing_field_map, settings_field_map, type_members,
 )
 from modification.conversion.checkpoint import is_hub_id
 from modification.conversion.settings import CalibrateSettings, FitSettings, TrainSettings
@@ -32,7 +33,6 @@ from modification.evaluation.settings import EvalSettings
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "releases.yaml"
 STEPS = ("convert", "fit", "train", "calibrate", "eval", "card", "push")
-OPTIONAL_STEPS = ("fit", "train", "calibrate", "eval", "card")
 # `data` entries of this form name the project's offline texts (conversion/texts.py) instead of a path
 TEXT_REF_PREFIX = "texts:"
 TEXT_SPLITS = ("train", "held_out")
@@ -201,14 +201,8 @@ def _renamed(section: dict, allowed, where: str) -> dict:
 def _field_value(value: Any, f, tp, where: str) -> Any:
     """A manifest value checked against its field's type, the way the command's flag would parse it (YAML numbers
     and lists as such; strings through the flag's own parser: YAML reads `1e-3` as a string)."""
-    from modification.cli.options import format_value
-
     if f.metadata.get("nargs") or f.metadata.get("action"):  # several values: one string or a list of strings
         return _str_list(value, where)
-    from typing import get_origin
-
-    from modification.cli.options import type_members
-
     takes_list = any(get_origin(t) is list for t in type_members(tp))
     if (isinstance(value, bool) and tp is not bool) or (isinstance(value, (list, dict)) and not takes_list):
         _fail(where, f"must be {_expected(tp)}, got {value!r}")
@@ -223,8 +217,6 @@ def _field_value(value: Any, f, tp, where: str) -> Any:
 
 
 def _expected(tp) -> str:
-    from modification.cli.options import describe_type, type_members
-
     members = type_members(tp)
     if float in members and int in members:  # `float | int`: any number
         members = [t for t in members if t is not int]

@@ -219,6 +219,7 @@ def test_cpu_member_fits_on_symbolic_texts_and_dry_runs_the_push():
      "members.demo.fit.routed_layers: must be auto"),
     ({"executed_fraction": 0.8, "data": ["a.txt"], "steps": 3}, "members.demo.fit: unknown key(s) steps"),
     ({"data": ["a.txt"]}, "members.demo.fit.executed_fraction: is required"),
+    ({"executed_fraction": 0.8}, "members.demo.fit.data: is required"),
 ])
 def test_fit_section_mistakes_name_the_field(tmp_path, capsys, fit, message):
     manifest = _write_manifest(tmp_path, "org/base", fit=fit)
