@@ -138,8 +138,17 @@ def resolve_license(license: str | None, bases: list[str | None], recorded: dict
 # Results -> metadata and tables.
 
 
+# Significant digits of the numbers the card's front matter shows (the full values stay in results.json).
+METADATA_DIGITS = 4
+
+
+def rounded(value: float) -> float:
+    """`value` to `METADATA_DIGITS` significant digits (83.81386531104964 -> 83.81)."""
+    return float(f"{value:.{METADATA_DIGITS}g}")
+
+
 def eval_results(results: dict | None) -> list[EvalResult]:
-    """The `model-index` entries: the MoD model's perplexities and task scores, exactly as in the results."""
+    """The `model-index` entries: the MoD model's perplexities and task scores, rounded for people to read."""
     if not results:
         return []
     quality = results.get("quality") or {}
@@ -149,12 +158,12 @@ def eval_results(results: dict | None) -> list[EvalResult]:
             task_type=PIPELINE_TAG, task_name="Text Generation", dataset_type=row["dataset"],
             dataset_name=row["dataset"], metric_type="perplexity",
             metric_name=f"perplexity (context {row['context_length']})",
-            metric_value=row["mod"], metric_args={"context_length": row["context_length"]},
+            metric_value=rounded(row["mod"]), metric_args={"context_length": row["context_length"]},
         ))
     for row in quality.get("tasks", []):
         entries.append(EvalResult(
             task_type=PIPELINE_TAG, task_name="Text Generation", dataset_type=row["task"], dataset_name=row["task"],
-            metric_type=row["metric"], metric_value=row["mod"],
+            metric_type=row["metric"], metric_value=rounded(row["mod"]),
         ))
     return entries
 

@@ -42,11 +42,14 @@ def test_rendered_card_parses_back_and_holds_exactly_the_results_numbers(checkpo
 
     results = sample_results()
     expected = sorted(
-        [(r["dataset"], "perplexity", (("context_length", r["context_length"]),), r["mod"])
+        [(r["dataset"], "perplexity", (("context_length", r["context_length"]),), float(f"{r['mod']:.4g}"))
          for r in results["quality"]["perplexity"]]
-        + [(r["task"], r["metric"], (), r["mod"]) for r in results["quality"]["tasks"]]
+        + [(r["task"], r["metric"], (), float(f"{r['mod']:.4g}")) for r in results["quality"]["tasks"]]
     )
-    assert _eval_tuples(card) == expected  # model-index values are the JSON values, unrounded
+    assert _eval_tuples(card) == expected  # model-index values: the JSON values to 4 significant digits
+    front_matter = out.read_text().split("---")[1]
+    assert "value: 91.23\n" in front_matter  # 91.2345678 in results.json: people read 4 digits
+    assert not re.search(r"\d\.\d{5,}", front_matter), front_matter
 
     text = card.text
     assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
@@ -113,7 +116,7 @@ def test_card_problems_catch_edited_numbers_tags_and_repo(checkpoint, tmp_path, 
     assert cli(["card", "--checkpoint", str(checkpoint), "--repo-id", REPO_ID, "--out", str(tmp_path / "c.md"),
                 "--base-model", BASE_ID]) == 0
     text = (tmp_path / "c.md").read_text()
-    edited = ModelCard(text.replace("value: 91.2345678", "value: 9.1"))
+    edited = ModelCard(text.replace("value: 91.23", "value: 9.1"))
     assert any("model-index does not match" in p for p in card_problems(edited, checkpoint, REPO_ID))
     untagged = ModelCard(text.replace("- custom_code\n", ""))
     assert any("custom_code" in p for p in card_problems(untagged, checkpoint, REPO_ID))
