@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from huggingface_hub.errors import StrictDataclassError  # a config field set to a bad value
 
+    from modification.conversion.progress import library_progress_bars
+
     try:
-        args.func(args)
+        with library_progress_bars(not getattr(args, "no_progress", False)):
+            args.func(args)
     except (ValueError, StrictDataclassError, FileExistsError, FileNotFoundError, OSError) as err:
         if args.verbose:
             raise

@@ -167,19 +167,15 @@ def dequantise_gguf(gguf: Path, progress: bool = True) -> tuple[LlamaForCausalLM
     `progress=False` silences transformers' bars; the GGUF reader's own tqdm bar cannot be turned off."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
+    from .progress import library_progress_bars
+
     try:
-        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with library_progress_bars(progress):
+            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as err:  # the GGUF reader raises many types for a damaged file
         raise BaseFetchError(f"could not read {gguf.name} as a GGUF model: {err}") from err
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
     if not isinstance(quantised, LlamaForCausalLM):
         raise BaseFetchError(f"{gguf.name} holds a {type(quantised).__name__}, expected a LlamaForCausalLM")
     # `save_pretrained` refuses a model loaded from GGUF (its config carries a quantization_config), so the weights
