@@ -6,6 +6,9 @@ from transformers models") and skipped here with the same reason."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -492,20 +495,32 @@ class TestDenseMoD(ModelTesterMixin, GenerationTesterMixin):
 
     def test_trains_under_plain_ddp(self, tmp_path):
         """DistributedDataParallel with its default `find_unused_parameters=False` needs every trainable parameter to
-        get a gradient in every step."""
-        import torch.distributed as dist
-
+        get a gradient in every step. The process group lives in a process of its own, on loopback, with a timeout:
+        a gloo group that waits forever cannot hang the suite."""
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-        try:
-            model = torch.nn.parallel.DistributedDataParallel(self.model_tester.create_model(config=config).train())
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-            for _ in range(3):
-                model(**inputs, labels=inputs["input_ids"]).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-        finally:
-            dist.destroy_process_group()
+        model = self.model_tester.create_model(config=config)
+        model.save_pretrained(tmp_path / "model")
+        torch.save(inputs, tmp_path / "inputs.pt")
+        script = f"""
+import datetime, torch, torch.distributed as dist
+from modification.modeling import MoDForCausalLM
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1,
+                        timeout=datetime.timedelta(seconds=60))
+try:
+    model = torch.nn.parallel.DistributedDataParallel(MoDForCausalLM.from_pretrained("{tmp_path / 'model'}").train())
+    inputs = torch.load("{tmp_path / 'inputs.pt'}")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+finally:
+    dist.destroy_process_group()
+print("trained")
+"""
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+        assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-3000:]
 
 
 class TestThresholdMoD(ModelTesterMixin, GenerationTesterMixin):
