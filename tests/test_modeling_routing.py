@@ -97,7 +97,8 @@ def test_packed_tokens_gather_and_scatter():
     assert tokens.lengths == [3, 1] and tokens.cu_seq_lens.tolist() == [0, 3, 4]
     assert tokens.columns.tolist() == [10, 12, 13, 12]
     packed = tokens.gather(hidden)
-    assert torch.equal(packed, hidden[mask]) and torch.equal(tokens.cos, cos[mask]) and torch.equal(tokens.sin, sin[mask])
+    assert torch.equal(packed, hidden[mask])
+    assert torch.equal(tokens.cos, cos[mask]) and torch.equal(tokens.sin, sin[mask])
     assert torch.equal(tokens.gated(packed), 0.5 * packed)
     out = tokens.scatter(hidden, packed + 100)
     assert torch.equal(out[mask], hidden[mask] + 100) and torch.equal(out[~mask], hidden[~mask])
