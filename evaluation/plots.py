@@ -117,7 +117,7 @@ def collect_routing(model, tokenizer, text: str, max_tokens: int = 256) -> Routi
     out = model(input_ids=ids.to(device), output_router_decisions=True, use_cache=False, logits_to_keep=1)
     n_layers = model.config.num_hidden_layers
     gates = torch.full((n_layers, ids.shape[1]), float("nan"))
-    for i, logits in zip(model.config.routed_layers, out.router_logits):  # one per routed layer (none if dense)
+    for i, logits in zip(model.config.routed_layers, out.router_logits):  # one per routed layer, dense ones too
         gates[i] = torch.sigmoid(logits[0].float()).cpu()
     ran = torch.stack([d[0].cpu() for d in out.router_decisions])
     routed = set(model.config.routed_layers) if model.config.router_kind != "dense" else set()

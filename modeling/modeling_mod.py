@@ -11,7 +11,9 @@ This file is copied into every MoD checkpoint: it imports only torch, transforme
 
 import math
 from collections.abc import Callable
+from itertools import accumulate
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_mod import _NO_ATTENTION_WEIGHTS, MoDConfig
+from .configuration_mod import MoDConfig
 
 
 try:  # PyTorch's own FlashAttention varlen API (CUDA only), used by attn_implementation="torch_varlen"
@@ -40,6 +42,9 @@ except ImportError:
 
 
 logger = logging.get_logger(__name__)
+
+_NO_ATTENTION_WEIGHTS = ("MoD models run packed variable-length attention over routed tokens and cannot return "
+                         "attention weights (output_attentions=True)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -57,32 +62,20 @@ logger = logging.get_logger(__name__)
 def _causal_sdpa(query, key, value, scaling: float, dropout: float) -> torch.Tensor:
     """SDPA over `[batch, heads, q_len, dim]` queries that are the last `q_len` of `k_len` keys (bottom-right causal)."""
     q_len, k_len = query.shape[2], key.shape[2]
-    enable_gqa = query.shape[1] != key.shape[1]
-    if q_len == k_len:
-        return F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=enable_gqa
-        )
-    mask = None
-    if q_len > 1:
+    mask = None  # equal lengths: SDPA's own causal mask; one query: it sees every key
+    if 1 < q_len < k_len:
         rows = torch.arange(q_len, device=query.device)[:, None]
         mask = torch.arange(k_len, device=query.device)[None, :] <= rows + (k_len - q_len)
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=enable_gqa
+        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=q_len == k_len, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
     )
 
 
 def sdpa_packed_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    cu_seq_lens_k: torch.Tensor | None = None,
-    max_length_q: int | None = None,
-    max_length_k: int | None = None,
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    scaling: float, dropout: float = 0.0, cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None, max_length_q: int | None = None, max_length_k: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The exact path (`eager` and `sdpa`): PyTorch's `scaled_dot_product_attention`, on every device.
@@ -140,17 +133,9 @@ def sdpa_packed_attention_forward(
 
 
 def torch_varlen_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    cu_seq_lens_k: torch.Tensor | None = None,
-    max_length_q: int | None = None,
-    max_length_k: int | None = None,
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    scaling: float, dropout: float = 0.0, cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None, max_length_q: int | None = None, max_length_k: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """`attn_implementation="torch_varlen"`: PyTorch's FlashAttention varlen kernel (`torch.nn.attention.varlen`)."""
@@ -199,10 +184,7 @@ def resolve_attention_function(attn_implementation: str | None) -> Callable:
 
 def _offsets(lengths: list[int]) -> list[int]:
     """`[0, l0, l0 + l1, ...]`: where each sequence starts when packed, and the total at the end."""
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return offsets
+    return list(accumulate(lengths, initial=0))
 
 
 def _cumsum0(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -240,10 +222,14 @@ class MoDCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, lengths: list[int], columns: torch.Tensor
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Append each sequence's new K/V (packed, `lengths[b]` rows for sequence `b`, from input `columns`) after its
-        cached ones; returns all cached keys and values, packed, and each sequence's number of cached tokens."""
+        """Append each sequence's new K/V after its cached ones. `cache_kwargs` (as transformers' caches take their
+        extra arguments) holds `lengths` (the new K/V are packed, `lengths[b]` rows for sequence `b`) and `columns`
+        (the input column of each row). Returns all cached keys and values, packed, and each sequence's count."""
+        if cache_kwargs is None or not {"lengths", "columns"} <= cache_kwargs.keys():
+            raise ValueError("MoDCache.update needs cache_kwargs with 'lengths' and 'columns' (see MoDCacheLayer)")
+        lengths, columns = cache_kwargs["lengths"], cache_kwargs["columns"]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.lengths = [0] * len(lengths)
@@ -346,17 +332,11 @@ class MoDCache(Cache):
         self.seen_tokens = 0
 
     def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        layer_idx: int,
-        lengths: list[int],
-        columns: torch.Tensor,
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Append layer `layer_idx`'s routed K/V (`[tokens, kv_heads, head_dim]`, packed per sequence: `lengths[b]` rows
-        for sequence `b`, taken from input `columns`); returns that layer's cached keys and values, packed the same
-        way, and the number of cached tokens of each sequence."""
-        return self.layers[layer_idx].update(key_states, value_states, lengths, columns)
+        """Append layer `layer_idx`'s routed K/V (`[tokens, kv_heads, head_dim]`, packed per sequence) as
+        `MoDCacheLayer.update` does; returns that layer's cached keys and values and each sequence's count of them."""
+        return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
 
     def advance(self, num_tokens: int) -> None:
         """Count `num_tokens` more input columns as seen (the model calls it once per forward, after every layer)."""
@@ -416,13 +396,13 @@ class MoDModelOutputWithPast(ModelOutput):
             `output_hidden_states=True`.
         attentions: always `None`: MoD attention kernels never form attention weights.
         router_logits: one `[batch, seq]` float32 tensor of raw router logits per routed layer (gate =
-            sigmoid(logit)), in the order of `config.routed_layers`; empty under `"dense"` routing. With
-            `output_router_logits=True` or `output_router_decisions=True`.
+            sigmoid(logit)), in the order of `config.routed_layers` (`"dense"` routing too: its routers score the
+            tokens, every token runs). With `output_router_logits=True`.
         aux_loss: the raw (unweighted) routing objective summed over routed layers: the layer-load objective
             `sum_j F_j * G_j` for `"threshold"` routing, the top-k BCE for `"topk"`; `None` when no layer routes.
-            With `output_router_logits=True` or `output_router_decisions=True`.
+            With `output_router_logits=True`.
         routed_fraction: `[num_layers]`, the fraction of (non-padding) tokens that ran each layer in this call (1.0 for
-            unrouted layers); its mean is the executed fraction of token-layer work. With either router flag.
+            unrouted layers); its mean is the executed fraction of token-layer work. With `output_router_logits=True`.
         router_decisions: per layer, `[batch, seq]` bool: which tokens ran it. With `output_router_decisions=True`.
     """
 
@@ -441,7 +421,7 @@ class MoDCausalLMOutputWithPast(ModelOutput):
     """Output of [`MoDForCausalLM`], in transformers' order (`loss` first when labels are given, then `logits`,
     `cache`, `hidden_states`, `attentions`). `loss` is `lm_loss + config.router_aux_loss_coef * aux_loss`; `lm_loss` is
     the language-modelling loss alone (with labels and a router flag); the other fields are as in
-    [`MoDModelOutputWithPast`]."""
+    [`MoDModelOutputWithPast`], except that `output_router_decisions=True` brings every router field."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -528,14 +508,50 @@ class MoDMLP(nn.Module):
 
 @dataclass
 class PackedTokens:
-    """The tokens that run a layer, packed one sequence after the other: each sequence's count and offsets, each
-    token's RoPE cos/sin, and its input column (kept by the cache)."""
+    """The tokens that run a layer, packed one sequence after the other: `index` holds their rows in the flattened
+    `[batch * seq]` batch (`None` when every token runs: no gather or scatter, and shapes known in advance, so this path
+    traces and exports), `lengths[b]` and the offsets `cu_seq_lens` count each sequence's; `cos`/`sin` are their RoPE,
+    `gate` their factor (`None`: 1) and `columns` their input columns (kept by the cache so that it can be cropped)."""
 
+    index: torch.Tensor | None
     lengths: list[int]
     cu_seq_lens: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
     columns: torch.Tensor | None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+
+    @classmethod
+    def pack(cls, decision: "RoutingDecision", hidden_states, position_embeddings, cache) -> "PackedTokens":
+        """The tokens that `decision` runs, of a `[batch, seq, hidden]` batch with its `(cos, sin)` and cache."""
+        batch, seq = hidden_states.shape[:2]
+        mask, device = decision.mask, hidden_states.device
+        index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+        lengths = [seq] * batch if mask is None else mask.sum(1).tolist()
+        columns = None
+        if cache is not None:
+            rows = torch.arange(batch * seq, device=device) if index is None else index
+            columns = cache.get_seq_length() + rows % seq
+        tokens = cls(index=index, lengths=lengths, cu_seq_lens=_cumsum0(lengths, device), columns=columns)
+        tokens.cos, tokens.sin = (tokens.gather(t) for t in position_embeddings)
+        if decision.gate is not None:
+            tokens.gate = tokens.gather(decision.gate).to(hidden_states.dtype).unsqueeze(-1)
+        return tokens
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The packed `[tokens, ...]` rows of a `[batch, seq, ...]` tensor."""
+        flat = tensor.flatten(0, 1)
+        return flat if self.index is None else flat[self.index]
+
+    def gated(self, sublayer_output: torch.Tensor) -> torch.Tensor:
+        """A sub-layer's packed output times each token's gate (as it is without a gate)."""
+        return sublayer_output if self.gate is None else self.gate * sublayer_output
+
+    def scatter(self, hidden_states: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` with the packed rows put back in place; the other tokens keep theirs."""
+        if self.index is None:
+            return packed.view_as(hidden_states)
+        return hidden_states.flatten(0, 1).index_copy(0, self.index, packed).view_as(hidden_states)
 
 
 class MoDAttention(nn.Module):
@@ -553,24 +569,17 @@ class MoDAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.q_proj = nn.Linear(
-            config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
-        )
-        self.k_proj = nn.Linear(
-            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
-        )
-        self.v_proj = nn.Linear(
-            config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.attention_bias
-        )
-        self.o_proj = nn.Linear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias
-        )
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
         if config.qk_norm:
             self.q_norm = MoDRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = MoDRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.attention_function = resolve_attention_function(config._attn_implementation)
 
-    def forward(self, hidden_states: torch.Tensor, packed: PackedTokens, cache: MoDCache | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, tokens: PackedTokens, cache: MoDCache | None) -> torch.Tensor:
         # -1, not the config's head count: under tensor parallelism each rank holds a shard of the heads.
         hidden_shape = (hidden_states.shape[0], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape)
@@ -578,11 +587,12 @@ class MoDAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape)
         if self.config.qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = apply_rotary_pos_emb(query, key, packed.cos, packed.sin)
+        query, key = apply_rotary_pos_emb(query, key, tokens.cos, tokens.sin)
 
-        key_lengths, cu_seq_lens_k = packed.lengths, packed.cu_seq_lens
+        key_lengths, cu_seq_lens_k = tokens.lengths, tokens.cu_seq_lens
         if cache is not None:
-            key, value, key_lengths = cache.update(key, value, self.layer_idx, packed.lengths, packed.columns)
+            cache_kwargs = {"lengths": tokens.lengths, "columns": tokens.columns}
+            key, value, key_lengths = cache.update(key, value, self.layer_idx, cache_kwargs)
             cu_seq_lens_k = _cumsum0(key_lengths, key.device)
 
         attn_output, _ = self.attention_function(
@@ -594,29 +604,29 @@ class MoDAttention(nn.Module):
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
             is_causal=True,
-            cu_seq_lens_q=packed.cu_seq_lens,
+            cu_seq_lens_q=tokens.cu_seq_lens,
             cu_seq_lens_k=cu_seq_lens_k,
-            max_length_q=max(packed.lengths),
+            max_length_q=max(tokens.lengths),
             max_length_k=max(key_lengths),
         )
         return self.o_proj(attn_output.reshape(hidden_states.shape[0], -1))
 
 
-@dataclass
-class RoutingDecision:
-    """What a router decided for one layer's tokens.
+class RoutingDecision(NamedTuple):
+    """What a router decided for one layer's tokens: a tuple, so that transformers' output recorder takes the logits
+    from it (index 0) as it takes Mixtral's router logits.
 
     Args:
-        mask: `[batch, seq]` bool, the tokens that run the layer; `None` means every token of the batch runs (no
-            router and no padding), so the layer needs no gather or scatter.
+        logits: `[batch, seq]` float32 raw router logits (`None` for a layer without a router).
+        mask: `[batch, seq]` bool, the tokens that run the layer; `None` means every token of the batch runs (no router
+            and no padding), so the layer needs no gather or scatter.
         gate: `[batch, seq]`, the factor on the sub-layer outputs of the tokens that run (`None`: 1).
-        logits: `[batch, seq]` float32 raw router logits (`None` without a router).
         loss: this layer's raw (unweighted) term of the routing objective (`None` if it has none).
     """
 
-    mask: torch.Tensor | None
-    gate: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
     loss: torch.Tensor | None = None
 
 
@@ -626,8 +636,8 @@ class MoDRouter(nn.Module):
     The input is the layer's input hidden state, RMS-normalised without a learned scale (our choice: the paper does
     not say) so that the logit scale does not depend on the residual stream's magnitude. The router starts at `w = 0`
     and `b = config.router_init_bias`, and runs in float32 so that routing decisions do not depend on the dtype. Each
-    router kind (`ThresholdRouter`, `TopKRouter`, `DenseRouter`) decides from the scores which tokens run, with which
-    gate, and what its share of the routing objective is, and returns a `RoutingDecision`.
+    router kind (`ThresholdRouter`, `TopKRouter`) decides from the scores which tokens run and what its share of the
+    routing objective is (`decide`); every kind adds the attention sinks and gates the tokens that run the same way.
     """
 
     def __init__(self, config: MoDConfig, layer_idx: int):
@@ -665,8 +675,21 @@ class MoDRouter(nn.Module):
             return torch.exp(log_g - log_g.detach())
         return torch.sigmoid(logits)
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> RoutingDecision:
+    def decide(self, logits: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> tuple[torch.Tensor, ...]:
+        """The tokens this router's rule runs (`[batch, seq]` bool) and its term of the routing objective, or `None`."""
         raise NotImplementedError
+
+    def forward(
+        self, hidden_states: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None, has_past: bool
+    ) -> RoutingDecision:
+        logits = self.score(hidden_states)
+        mask, loss = self.decide(logits, valid, has_past)
+        if self.config.routing_sink_tokens:
+            # Attention sinks: the first positions run every routed layer whatever their score (position ids count
+            # from each sequence's first real token, also under left padding), so no layer's K/V ever lacks them.
+            sinks = position_ids < self.config.routing_sink_tokens
+            mask = mask | (sinks if valid is None else sinks & valid)
+        return RoutingDecision(logits=logits, mask=mask, gate=self.gate(logits), loss=loss)
 
 
 class ThresholdRouter(MoDRouter):
@@ -674,8 +697,7 @@ class ThresholdRouter(MoDRouter):
     prefill and decoding alike. Its objective is the layer-load term `F * G` (F: fraction of valid tokens routed, no
     gradient, minus `load_loss_target` if set; G: mean gate, with gradient)."""
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> RoutingDecision:
-        logits = self.score(hidden_states)
+    def decide(self, logits, valid, has_past):
         mask = self.causal_mask(logits, valid)
         probs = torch.sigmoid(logits)
         if valid is None:
@@ -688,7 +710,7 @@ class ThresholdRouter(MoDRouter):
             target = target[self.config.routed_layers.index(self.layer_idx)]
         if target is not None:
             routed = routed - target
-        return RoutingDecision(mask=mask, gate=self.gate(logits), logits=logits, loss=routed * probs_sum / n_valid)
+        return mask, routed * probs_sum / n_valid
 
 
 class TopKRouter(MoDRouter):
@@ -696,10 +718,9 @@ class TopKRouter(MoDRouter):
     tokens of each sequence run the layer (non-causal), and the router logits learn top-k membership through a BCE
     loss; once a cache holds earlier tokens (decoding), the causal rule `sigmoid(logit) >= p` decides."""
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> RoutingDecision:
-        logits = self.score(hidden_states)
+    def decide(self, logits, valid, has_past):
         if has_past:  # top-k membership is undefined one token at a time: the causal rule, no loss
-            return RoutingDecision(mask=self.causal_mask(logits, valid), gate=self.gate(logits), logits=logits)
+            return self.causal_mask(logits, valid), None
         if valid is None:
             valid = torch.ones_like(logits, dtype=torch.bool)
         k = torch.ceil(valid.sum(1) * self.config.topk_capacity).long()
@@ -707,21 +728,22 @@ class TopKRouter(MoDRouter):
         positions = torch.arange(logits.shape[1], device=logits.device).expand_as(ranked).contiguous()
         rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
         mask = (rank < k[:, None]) & valid
-        loss = F.binary_cross_entropy_with_logits(logits[valid], mask[valid].float())
-        return RoutingDecision(mask=mask, gate=self.gate(logits), logits=logits, loss=loss)
+        return mask, F.binary_cross_entropy_with_logits(logits[valid], mask[valid].float())
 
 
 class DenseRouter(MoDRouter):
-    """`router_kind="dense"`: every token runs (the base model). The router's weights are kept so that checkpoints
-    round-trip, but frozen: they take no part in the forward, and a trainable parameter that never gets a gradient
+    """`router_kind="dense"`: every token runs (the base model). The router still scores the tokens, so that its
+    logits can be looked at (`output_router_logits`) before routing is switched on, but decides nothing: no gate, no
+    objective, no sinks. Its weights are frozen: they get no gradient, and a trainable parameter that never gets one
     breaks `DistributedDataParallel`."""
 
     def __init__(self, config: MoDConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.requires_grad_(False)
 
-    def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor | None, has_past: bool) -> RoutingDecision:
-        return RoutingDecision(mask=valid)
+    def forward(self, hidden_states, position_ids, valid, has_past) -> RoutingDecision:
+        # Detached: logits only looked at keep no autograd graph (and no float32 activations) alive in training.
+        return RoutingDecision(logits=self.score(hidden_states.detach()), mask=valid)
 
 
 ROUTER_CLASSES = {"threshold": ThresholdRouter, "topk": TopKRouter, "dense": DenseRouter}
@@ -750,50 +772,27 @@ class MoDDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.Tensor,
         valid: torch.Tensor | None = None,
         cache: MoDCache | None = None,
-        sinks: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, RoutingDecision]:
-        batch, seq, hidden = hidden_states.shape
-        past_length = cache.get_seq_length() if cache is not None else 0
         if self.has_router:
-            decision = self.router(hidden_states, valid, has_past=past_length > 0)
-            if sinks is not None and decision.mask is not None:
-                decision.mask = decision.mask | sinks
+            has_past = cache is not None and cache.get_seq_length() > 0
+            decision = self.router(hidden_states, position_ids, valid, has_past)
         else:
             decision = RoutingDecision(mask=valid)
+        tokens = PackedTokens.pack(decision, hidden_states, position_embeddings, cache)
+        if sum(tokens.lengths) == 0:  # every token skips: nothing to compute or cache
+            return hidden_states, decision
 
-        flat = hidden_states.reshape(batch * seq, hidden)
-        cos, sin = (t.reshape(batch * seq, -1) for t in position_embeddings)
-        if decision.mask is None:
-            # Every token runs: no gather or scatter, and shapes known in advance (this path traces and exports).
-            index, x, lengths = None, flat, [seq] * batch
-        else:
-            index = decision.mask.reshape(-1).nonzero().squeeze(1)
-            if index.numel() == 0:  # every token skips: nothing to compute or cache
-                return hidden_states, decision
-            x, cos, sin = flat[index], cos[index], sin[index]
-            lengths = decision.mask.sum(1).tolist()
-        columns = None
-        if cache is not None:  # the input column of each token, kept by the cache so that it can be cropped
-            rows = torch.arange(batch * seq, device=flat.device) if index is None else index
-            columns = past_length + rows % seq
-        packed = PackedTokens(lengths=lengths, cu_seq_lens=_cumsum0(lengths, x.device), cos=cos, sin=sin, columns=columns)
-        gate = None
-        if decision.gate is not None:
-            gate = decision.gate.reshape(-1)
-            gate = (gate if index is None else gate[index]).to(x.dtype).unsqueeze(-1)
-
-        residual = x
-        x = self.self_attn(self.input_layernorm(x), packed, cache)
-        x = residual + (x if gate is None else gate * x)
-        residual = x
-        x = self.mlp(self.post_attention_layernorm(x))
-        x = residual + (x if gate is None else gate * x)
-
-        out = x.view(batch, seq, hidden) if index is None else flat.index_copy(0, index, x).view(batch, seq, hidden)
-        return out, decision
+        residual = tokens.gather(hidden_states)
+        hidden = self.self_attn(self.input_layernorm(residual), tokens, cache)
+        hidden = residual + tokens.gated(hidden)
+        residual = hidden
+        hidden = self.mlp(self.post_attention_layernorm(hidden))
+        hidden = residual + tokens.gated(hidden)
+        return tokens.scatter(hidden_states, hidden), decision
 
 
 class MoDPreTrainedModel(PreTrainedModel):
@@ -807,7 +806,10 @@ class MoDPreTrainedModel(PreTrainedModel):
     # Routing makes shapes data-dependent (graph breaks); the dense path alone traces without them.
     _can_compile_fullgraph = False
     _supports_attention_backend = False
-    _can_record_outputs = {"hidden_states": OutputRecorder(MoDDecoderLayer, index=0)}
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(MoDDecoderLayer, index=0),
+        "router_logits": OutputRecorder(MoDRouter, index=0),  # as Mixtral's: the routers' logits, in layer order
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -874,11 +876,12 @@ class MoDModel(MoDPreTrainedModel):
         output_router_logits (`bool`, *optional*):
             Return `router_logits`, the raw `aux_loss` and `routed_fraction` (default: `config.output_router_logits`).
         output_router_decisions (`bool`, *optional*):
-            Return all of the above and `router_decisions` (which tokens ran each layer).
+            Return `router_decisions` (which tokens ran each layer).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if kwargs.get("output_attentions"):
+        output_attentions = kwargs.get("output_attentions")
+        if output_attentions or (output_attentions is None and self.config.output_attentions):
             raise ValueError(_NO_ATTENTION_WEIGHTS)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -904,35 +907,30 @@ class MoDModel(MoDPreTrainedModel):
         position_ids = position_ids[:, -seq:].expand(batch, -1)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
-        # Attention sinks: the first positions run every routed layer (position ids count from each sequence's first
-        # real token, also under left padding), so no layer's K/V ever lacks them.
-        sinks = None
-        if self.config.routing_sink_tokens and self.config.router_kind != "dense":
-            sinks = position_ids < self.config.routing_sink_tokens
-            sinks = sinks if valid is None else sinks & valid
-
         hidden_states = inputs_embeds
         decisions = []
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states, decision = decoder_layer(
-                hidden_states, position_embeddings=position_embeddings, valid=valid, cache=cache, sinks=sinks,
-                **kwargs,
+                hidden_states, position_embeddings=position_embeddings, position_ids=position_ids, valid=valid,
+                cache=cache, **kwargs,
             )
             decisions.append(decision)
         if cache is not None:
             cache.advance(seq)
         hidden_states = self.norm(hidden_states)
 
+        # `router_logits` (and `hidden_states`) are recorded from the modules by `capture_outputs`, as Mixtral's. What
+        # follows is not a module output the recorder could collect: `aux_loss` and `routed_fraction` reduce every
+        # layer's decision, and `router_decisions` covers the layers without a router too (a `None` mask, every token
+        # ran, which the recorder would skip rather than record).
         output = MoDModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
-        if output_router_logits or output_router_decisions:
+        if output_router_logits:
             losses = [d.loss for d in decisions if d.loss is not None]
             output.aux_loss = torch.stack(losses).sum() if losses else None
-            output.router_logits = tuple(d.logits for d in decisions if d.logits is not None)
             n_valid = batch * seq if valid is None else valid.sum().clamp(min=1)
             ones = hidden_states.new_ones((), dtype=torch.float32)
-            output.routed_fraction = torch.stack(
-                [ones if d.mask is None else d.mask.sum() / n_valid for d in decisions]
-            ).detach()
+            fractions = [ones if d.mask is None else d.mask.sum() / n_valid for d in decisions]
+            output.routed_fraction = torch.stack(fractions).detach()
         if output_router_decisions:
             all_tokens = torch.ones(batch, seq, dtype=torch.bool, device=hidden_states.device)
             output.router_decisions = tuple(all_tokens if d.mask is None else d.mask for d in decisions)
@@ -993,7 +991,7 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        router_outputs = bool(output_router_logits or output_router_decisions)
+        router_outputs = bool(output_router_logits or output_router_decisions)  # the decisions come with the rest
         outputs: MoDModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
