@@ -818,6 +818,15 @@ class MoDPreTrainedModel(PreTrainedModel):
             init.constant_(module.bias, self.config.router_init_bias)
 
     @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) on request
+        for module in model.modules():  # loading makes every floating-point weight trainable again
+            if isinstance(module, DenseRouter):
+                module.requires_grad_(False)
+        return loaded
+
+    @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         return True  # attention goes through MOD_ATTENTION_FUNCTIONS; transformers' source heuristic cannot see it
 

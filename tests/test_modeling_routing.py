@@ -58,6 +58,15 @@ def test_dense_routers_return_logits_and_still_run_every_token():
     assert routers and all(not p.requires_grad and p.grad is None for p in routers)  # frozen, as DDP needs
 
 
+def test_dense_routers_stay_frozen_after_loading(tmp_path):
+    """transformers' loader makes every floating-point weight it loads trainable; a dense checkpoint's routers must
+    come back frozen (a trainable parameter that never gets a gradient breaks plain DDP)."""
+    convert_model(tiny_base("llama"), router_kind="dense").save_pretrained(tmp_path)
+    model, info = MoDForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    routers = [p for n, p in model.named_parameters() if ".router." in n]
+    assert routers and not any(p.requires_grad for p in routers) and not info["missing_keys"]
+
+
 def test_router_logits_are_recorded_from_the_routers():
     recorder = MoDPreTrainedModel._can_record_outputs["router_logits"]
     assert isinstance(recorder, OutputRecorder) and recorder.target_class is MoDRouter and recorder.index == 0
