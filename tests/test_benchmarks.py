@@ -123,13 +123,20 @@ def test_quality_curve_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_tables_in_docs_are_those_of_the_committed_json():
-    report = _script("quality_curve_report")
-    result = json.loads((ROOT / "benchmarks/results/quality_curve.json").read_text())
+def _docs_section(name: str) -> str:
     docs = (ROOT / "docs/results.md").read_text()
-    section = re.search(r"<!-- begin: quality_curve -->\n(.*?)<!-- end: quality_curve -->", docs, re.S)
-    assert section, "docs/results.md has no quality_curve markers"
-    assert section.group(1) == report.numbers_tables(result)
+    section = re.search(rf"<!-- begin: {name} -->\n(.*?)\n<!-- end: {name} -->", docs, re.S)
+    assert section, f"docs/results.md has no {name} markers"
+    return section.group(1)
+
+
+def test_the_tables_in_docs_are_those_of_the_committed_json():
+    result = json.loads((ROOT / "benchmarks/results/quality_curve.json").read_text())
+    assert _docs_section("quality_curve") + "\n" == _script("quality_curve_report").numbers_tables(result)
+    topk = _script("topk_vs_threshold")
+    record = json.loads((ROOT / "docs/results.json").read_text())
+    assert _docs_section("topk_vs_threshold") == "\n".join(topk.variants_table(record))
+    assert _docs_section("bistability") == "\n".join(topk.bistability_table(record))
 
 
 def test_a_marked_section_is_replaced_and_nothing_else(tmp_path):
