@@ -35,6 +35,8 @@ def training_table(result: dict) -> list[str]:
         return "0 (not run: = fitted)" if "note" in res[v].get(str(f), {}) else "-"
 
     rows = [[v] + [minutes(v, f) for f in trained_at] for v in ("routers", "lora", "topk", "removal+lora") if v in res]
+    if not rows:
+        return []
     return ["Minutes of training per trained run:", ""] + table(["variant"] + [f"f={f}" for f in trained_at], rows)
 
 
@@ -92,7 +94,7 @@ def numbers_tables(result: dict) -> str:
     for key, what in (("skipped_for_time", "Not measured (past the time budget)"), ("errors", "Failed (see the JSON)")):
         if result.get(key):
             parts.append([f"{what}: {', '.join(entry.split(':')[0] for entry in result[key])}."])
-    return "\n\n".join("\n".join(part) for part in parts) + "\n"
+    return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
 
 
 def plot(result: dict, png_path: Path) -> None:

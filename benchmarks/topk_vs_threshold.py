@@ -36,7 +36,9 @@ from modification.conversion.atomic import atomic_replace_section, atomic_write_
 from modification.conversion.calibrate import calibrate_checkpoint
 from modification.conversion.checkpoint import save_checkpoint
 from modification.conversion.convert import convert_checkpoint
-from modification.conversion.corpus import CORPUS_DESCRIPTION, DemoBaseSettings, corpus_files, corpus_splits, pretrain_base
+from modification.conversion.corpus import (
+    CORPUS_DESCRIPTION, DemoBaseSettings, corpus_files, corpus_splits, pretrain_base,
+)
 from modification.evaluation.quality import evaluate_perplexity, tokenize_texts
 from modification.conversion.settings import CalibrateSettings, TrainSettings
 from modification.conversion.train import train
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--bistability-steps", type=int, default=120)
     parser.add_argument("--bistability-alphas", default="0.01,1.0,10.0")
     parser.add_argument("--work-dir", default="outputs/topk_vs_threshold")
-    parser.add_argument("--out", default="docs", help="folder of results.md (its tables), results.json, bistability.png")
+    parser.add_argument("--out", default="docs", help="folder of results.md (tables), results.json, bistability.png")
     args = parser.parse_args()
     command = " ".join(["python benchmarks/topk_vs_threshold.py", shlex.join(sys.argv[1:])]).strip()
     start = time.perf_counter()
@@ -91,8 +93,8 @@ def main() -> None:
     n_layers = base.config.num_hidden_layers
     n_routed = len(range(1, n_layers, 2))
     routed_fraction = (args.target * n_layers - (n_layers - n_routed)) / n_routed
-    calibrate_settings = CalibrateSettings(executed_fraction=args.target, data=data, seq_len=args.seq_len, max_blocks=64,
-                                           held_out_fraction=0.0)
+    calibrate_settings = CalibrateSettings(executed_fraction=args.target, data=data, seq_len=args.seq_len,
+                                           max_blocks=64, held_out_fraction=0.0)
 
     rows = []
     for name, spec in _variants(args.target, routed_fraction).items():

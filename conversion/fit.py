@@ -12,8 +12,8 @@ What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/result
    on held-out text); the Fisher score is predictable (Spearman 0.22) and beats random routing. "How little the layer
    changes the token" is what a router fits best, but keeps the wrong tokens. Each router is a ridge regression of the
    Gaussian-ranked score on its RMS-normalised input (exactly what `MoDRouter.score` computes).
-3. **Attention sinks**: the first `routing_sink_tokens` positions run every layer (`routing_sink_tokens`); skipping them cost
-   more than all other choices together (random routing of 8 layers: 80 -> 67 perplexity with 4 sinks kept).
+3. **Attention sinks**: the first `routing_sink_tokens` positions run every layer; skipping them cost more than all
+   other choices together (random routing of 8 layers: 80 -> 67 perplexity with 4 sinks kept).
 4. **Where the budget goes**: costs of skipping tokens in several layers compound while deleting layers compounds
    less, so three plans are built from the ranked layers, calibrated and measured whole on the calibration text, and
    the best is kept: token routing (each of the cheapest layers skips up to `max_skip` of its tokens), whole layers
@@ -22,6 +22,9 @@ What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/result
    (`calibrate.calibrate_thresholds` with per-layer targets); `fit_checkpoint` then folds each threshold into its
    router bias, so every routed layer keeps `p = 0.5` and gates are centred on the decision boundary for any later
    training.
+
+The measurements of 1 and 2 do not depend on the target: a sweep over targets takes them once (`measure_layers`) and
+hands them to every fit (`fit_routers(..., measured=...)`) rather than measuring again.
 """
 
 from __future__ import annotations
@@ -318,7 +321,8 @@ def fit_routers(
     if not 0.0 < settings.max_skip <= 1.0:
         raise ValueError(f"max_skip must lie in (0, 1], got {settings.max_skip}")
     if model.config.router_kind != "threshold":
-        raise ValueError(f"fitting sets threshold routers: router_kind must be 'threshold', not {model.config.router_kind!r}")
+        raise ValueError("fitting sets threshold routers: router_kind must be 'threshold', not "
+                         f"{model.config.router_kind!r}")
     batches = list(batches)
     if not batches:
         raise ValueError("fitting routers needs at least one batch of calibration text")
@@ -331,8 +335,9 @@ def fit_routers(
     costs = measured.removal_costs
     ranked = routable_layers(costs, settings)
     budget = (1.0 - settings.executed_fraction) * n_layers
-    record = FitRecord(settings=fit_settings_record(settings), layer_removal_cost=[round(c, 5) for c in costs], routed_layers=[],
-                       planned_skip={}, calibration_tokens=sum(int(b["input_ids"].numel()) for b in batches))
+    record = FitRecord(settings=fit_settings_record(settings), layer_removal_cost=[round(c, 5) for c in costs],
+                       routed_layers=[], planned_skip={},
+                       calibration_tokens=sum(int(b["input_ids"].numel()) for b in batches))
     if budget <= 1e-9:
         model = with_routed_layers(model, [], routing_sink_tokens=settings.routing_sink_tokens)
         record.seconds = round(time.perf_counter() - start, 1)

@@ -137,7 +137,8 @@ def cuda_peak_memory(device: torch.device) -> Iterator[dict]:
 
 def _alternating(run: Callable[[str], tuple[float, dict]], repetitions: int, device: torch.device, bar) -> tuple:
     """Call `run(name)` -> (seconds, info) for "mod" and "base" in alternating order: a warm-up round, whose info is
-    kept with its CUDA peak memory, then `repetitions` timed rounds. Returns (seconds per name, warm-up info per name)."""
+    kept with its CUDA peak memory, then `repetitions` timed rounds. Returns the seconds per name and the warm-up
+    info per name."""
     times: dict[str, list[float]] = {"mod": [], "base": []}
     warm_up: dict[str, dict] = {}
     for rep in range(repetitions + 1):

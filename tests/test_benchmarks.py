@@ -114,7 +114,8 @@ def test_quality_curve_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert len(result["layer_removal_cost"]) == len(result["shortgpt_cosine"]) == 4
 
     md = tmp_path / "results.md"
-    md.write_text("Written by people.\n\n<!-- begin: quality_curve -->\nold\n<!-- end: quality_curve -->\n\nAnd here.\n")
+    md.write_text("Written by people.\n\n<!-- begin: quality_curve -->\nold\n<!-- end: quality_curve -->\n\n"
+                  "And here.\n")
     tables = report.write_report(result, md, tmp_path / "curve.png")
     text = md.read_text()
     assert text.startswith("Written by people.\n") and text.endswith("\nAnd here.\n") and "old" not in text
