@@ -149,3 +149,33 @@ def test_a_marked_section_is_replaced_and_nothing_else(tmp_path):
     with pytest.raises(ValueError, match="begin: x"):
         atomic_replace_section(path, "x", "new")
     assert path.read_text() == "no markers\n"
+
+
+def test_cuda_peak_memory_is_taken_in_the_warm_up_round_of_each_model(monkeypatch):
+    """No GPU here: the allocator's counters are stood in for, to check the bookkeeping `run_benchmark` reports."""
+    from tqdm.auto import tqdm
+
+    from modification.evaluation import benchmark
+
+    allocator = {"now": 100, "peak": 100}
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: allocator.update(peak=allocator["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: allocator["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak"])
+    uses = {"mod": 50, "base": 80}
+    calls = []
+
+    def run(name: str):
+        calls.append(name)
+        allocator["peak"] = max(allocator["peak"], allocator["now"] + uses[name] * len(calls))  # later runs use more
+        return 0.5, {"kv_bytes": uses[name]}
+
+    times, warm_up = benchmark._alternating(run, 2, torch.device("cuda"), tqdm(disable=True))
+    assert calls == ["mod", "base", "base", "mod", "mod", "base"]  # alternating, warm-up first
+    assert times == {"mod": [0.5, 0.5], "base": [0.5, 0.5]}
+    assert warm_up == {"mod": {"kv_bytes": 50, "peak_memory_bytes": 50},
+                       "base": {"kv_bytes": 80, "peak_memory_bytes": 160}}
+    assert benchmark._peak_memory_fields(warm_up) == {
+        "mod_peak_memory_bytes": 50, "base_peak_memory_bytes": 160, "peak_memory_ratio": 50 / 160}
+    _, on_cpu = benchmark._alternating(run, 1, torch.device("cpu"), tqdm(disable=True))
+    assert benchmark._peak_memory_fields(on_cpu) == {} and "peak_memory_bytes" not in on_cpu["mod"]
