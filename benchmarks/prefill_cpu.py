@@ -1,9 +1,9 @@
 """Prefill speed of a small random-weight MoD model vs its dense base on this CPU (issue: MoD core).
 
 A Llama-architecture model (random weights are fine for speed) is converted, its routers get random weights and are
-calibrated on each prompt so that half the tokens skip each routed layer (every other layer: executed fraction ~0.75), then
-prefill at 1k and 2k tokens is timed against (a) the stock transformers LlamaForCausalLM and (b) the same MoD code
-run dense, in alternating repetitions. Writes JSON (default benchmarks/results/prefill_cpu.json).
+calibrated on each prompt so that half the tokens skip each routed layer (every other layer: executed fraction
+~0.75), then prefill at 1k and 2k tokens is timed against (a) the stock transformers LlamaForCausalLM and (b) the same
+MoD code run dense, in alternating repetitions. Writes JSON (default benchmarks/results/prefill_cpu.json).
 
     python benchmarks/prefill_cpu.py --lengths 1024,2048 --repetitions 7
 """
@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modification.evaluation.benchmark import run_benchmark
+from modification.conversion.atomic import atomic_write_text
 from modification.conversion.convert import convert_model
+from modification.evaluation.benchmark import run_benchmark
 
 
 def main() -> None:
@@ -40,7 +41,8 @@ def main() -> None:
     with torch.no_grad():
         for layer in mod.model.layers:
             if hasattr(layer, "router"):
-                layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=gen) / config.hidden_size**0.5)
+                weight = torch.randn(layer.router.weight.shape, generator=gen) / config.hidden_size**0.5
+                layer.router.weight.copy_(weight)
     n_layers, n_routed = config.num_hidden_layers, len(mod.config.routed_layers)
     target = (n_layers - n_routed + n_routed * args.routed_fraction) / n_layers
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -55,9 +57,7 @@ def main() -> None:
             mod, dense, lengths, args.repetitions, decode_batch_sizes=(), executed_fraction=target
         ),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = atomic_write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
     for name in ("vs_transformers_llama", "vs_same_code_dense"):
         for row in results[name]["prefill"]:
             print(f"{name:22s} len={row['length']:5d} executed={row['executed_fraction']:.3f} "

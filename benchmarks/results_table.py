@@ -14,45 +14,47 @@ def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _print_table(header: str, align: str, rows: list[list[str]]) -> None:
+    """A markdown table: `header` "a | b | c", `align` one of "-" (left) or ":" (right) per column."""
+    print(f"| {header} |")
+    print("| " + " | ".join("---" if a == "-" else "---:" for a in align) + " |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="results.json or the folder holding it")
     results = load_results(parser.parse_args().results)
     quality, efficiency = results.get("quality", {}), results.get("efficiency", {})
     if quality.get("perplexity"):
-        print("| data | context | tokens | perplexity MoD | perplexity base | executed fraction |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for row in quality["perplexity"]:
-            print(f"| {row['dataset']} | {row['context_length']} | {row.get('tokens', '')} | {_num(row['mod'])} | "
-                  f"{_num(row['base'])} | {_num(row.get('executed_fraction'))} |")
-        print()
+        _print_table("data | context | tokens | perplexity MoD | perplexity base | executed fraction", "-:::::", [
+            [row["dataset"], str(row["context_length"]), str(row.get("tokens", "")), _num(row["mod"]),
+             _num(row["base"]), _num(row.get("executed_fraction"))] for row in quality["perplexity"]])
     if quality.get("tasks"):
-        print("| task | metric | MoD | base |")
-        print("| --- | --- | ---: | ---: |")
-        for row in quality["tasks"]:
-            print(f"| {row['task']} | {row['metric']} | {_num(row['mod'], 4)} | {_num(row['base'], 4)} |")
-        print()
+        _print_table("task | metric | MoD | base", "--::", [
+            [row["task"], row["metric"], _num(row["mod"], 4), _num(row["base"], 4)] for row in quality["tasks"]])
     if efficiency.get("latency"):
         hw = efficiency.get("hardware", {})
         print(f"Hardware: {hw.get('device')} ({hw.get('device_type')}, {hw.get('dtype')}, "
               f"{hw.get('torch_threads')} threads), median of {hw.get('repetitions')} alternating runs.")
         print()
-        print("| context | executed fraction | prefill time MoD/base | ideal | KV bytes MoD/base | peak memory MoD/base |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-        for row in efficiency["latency"]:
+
+        def spread(row: dict) -> str:
             iqr = row.get("prefill_latency_ratio_iqr")
-            spread = f" (IQR {iqr:.3f})" if iqr is not None else ""
-            print(f"| {row['context_length']} | {_num(row.get('executed_fraction'))} | "
-                  f"{_num(row['prefill_latency_ratio'])}{spread} | {_num(row['ideal_latency_ratio'])} | "
-                  f"{_num(row.get('kv_ratio'))} | {_num(row.get('peak_memory_ratio'))} |")
-        print()
+            return f" (IQR {iqr:.3f})" if iqr is not None else ""
+
+        _print_table("context | executed fraction | prefill time MoD/base | ideal | KV bytes MoD/base | "
+                     "peak memory MoD/base", "::::::", [
+                         [str(row["context_length"]), _num(row.get("executed_fraction")),
+                          _num(row["prefill_latency_ratio"]) + spread(row), _num(row["ideal_latency_ratio"]),
+                          _num(row.get("kv_ratio")), _num(row.get("peak_memory_ratio"))]
+                         for row in efficiency["latency"]])
     if efficiency.get("decode"):
-        print("| decode batch | tokens/s MoD/base | ideal | KV bytes MoD/base |")
-        print("| ---: | ---: | ---: | ---: |")
-        for row in efficiency["decode"]:
-            print(f"| {row['batch_size']} | {_num(row['throughput_ratio'])} | "
-                  f"{_num(row.get('ideal_throughput_ratio'))} | {_num(row.get('kv_ratio'))} |")
-        print()
+        _print_table("decode batch | tokens/s MoD/base | ideal | KV bytes MoD/base", "::::", [
+            [str(row["batch_size"]), _num(row["throughput_ratio"]), _num(row.get("ideal_throughput_ratio")),
+             _num(row.get("kv_ratio"))] for row in efficiency["decode"]])
     print("Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])))
 
 

@@ -14,7 +14,8 @@ executed fraction, and compare held-out perplexity with the dense base:
 Also the layer-load objective's bistability: router-only runs with the paper's form at several alpha, and with the
 target form, logging the executed fraction from step one.
 
-Writes docs/results.md (tables, with the command) and docs/results.json, and docs/bistability.png.
+Writes docs/results.json, docs/bistability.png and the two tables of docs/results.md (between its
+`topk_vs_threshold` and `bistability` markers; the text around them is written by people).
 
     python benchmarks/topk_vs_threshold.py
 """
@@ -29,14 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modification.conversion.calibrate import calibrate_checkpoint, calibrate_thresholds
+from modification.conversion.atomic import atomic_replace_section, atomic_write_text
+from modification.conversion.calibrate import calibrate_checkpoint
+from modification.conversion.checkpoint import save_checkpoint
 from modification.conversion.convert import convert_checkpoint
-from modification.conversion.corpus import CORPUS_DESCRIPTION, corpus_files, corpus_splits
-from modification.conversion.data import load_blocks
-from modification.conversion.corpus import DemoBaseSettings, pretrain_base
+from modification.conversion.corpus import (
+    CORPUS_DESCRIPTION, DemoBaseSettings, corpus_files, corpus_splits, pretrain_base,
+)
 from modification.evaluation.quality import evaluate_perplexity, tokenize_texts
 from modification.conversion.settings import CalibrateSettings, TrainSettings
 from modification.conversion.train import train
@@ -53,12 +55,6 @@ def _variants(target: float, routed_fraction: float) -> dict[str, dict]:
             "convert": {"router_kind": "topk", "gate_mode": "scale", "topk_capacity": routed_fraction},
             "calibrate": False},
     }
-
-
-def calibration_batches(tokenizer, data: list[str], seq_len: int, blocks: int = 64) -> list[dict]:
-    """The blocks `modification calibrate` uses by default: the first `blocks` of the training text."""
-    packed = torch.cat(load_blocks(data, tokenizer, seq_len, progress=False))[:blocks]
-    return [{"input_ids": b[None]} for b in packed]
 
 
 def perplexity(model, base, stream, context: int) -> dict:
@@ -79,7 +75,7 @@ def main() -> None:
     parser.add_argument("--bistability-steps", type=int, default=120)
     parser.add_argument("--bistability-alphas", default="0.01,1.0,10.0")
     parser.add_argument("--work-dir", default="outputs/topk_vs_threshold")
-    parser.add_argument("--out", default="docs", help="folder for results.md, results.json, bistability.png")
+    parser.add_argument("--out", default="docs", help="folder of results.md (tables), results.json, bistability.png")
     args = parser.parse_args()
     command = " ".join(["python benchmarks/topk_vs_threshold.py", shlex.join(sys.argv[1:])]).strip()
     start = time.perf_counter()
@@ -97,6 +93,8 @@ def main() -> None:
     n_layers = base.config.num_hidden_layers
     n_routed = len(range(1, n_layers, 2))
     routed_fraction = (args.target * n_layers - (n_layers - n_routed)) / n_routed
+    calibrate_settings = CalibrateSettings(executed_fraction=args.target, data=data, seq_len=args.seq_len,
+                                           max_blocks=64, held_out_fraction=0.0)
 
     rows = []
     for name, spec in _variants(args.target, routed_fraction).items():
@@ -111,10 +109,7 @@ def main() -> None:
         trained = train(str(folder / "converted"), folder / "trained", settings, progress=False)
         final = trained
         if spec["calibrate"]:
-            calibrate_checkpoint(str(trained), CalibrateSettings(executed_fraction=args.target, data=data,
-                                                                 seq_len=args.seq_len, max_blocks=64,
-                                                                 held_out_fraction=0.0),
-                                 out=str(folder / "calibrated"), progress=False)
+            calibrate_checkpoint(str(trained), calibrate_settings, out=str(folder / "calibrated"), progress=False)
             final = folder / "calibrated"
         model = MoDForCausalLM.from_pretrained(final).eval()
         result = perplexity(model, base, stream, args.context)
@@ -130,8 +125,9 @@ def main() -> None:
                          "perplexity": causal["mod"], "executed_fraction": causal["executed_fraction"],
                          "base_perplexity": causal["base"]})
             # the same causal rule with its threshold calibrated to the budget: matched compute as generated
-            calib = calibration_batches(tokenizer, data, args.seq_len)
-            calibrate_thresholds(model, calib, args.target, progress=False)
+            save_checkpoint(model, folder / "causal", companions_from=final)
+            calibrate_checkpoint(str(folder / "causal"), calibrate_settings, progress=False)
+            model = MoDForCausalLM.from_pretrained(folder / "causal").eval()
             matched = perplexity(model, base, stream, args.context)
             rows.append({"variant": name, "evaluation": "causal rule, threshold calibrated to the budget",
                          "perplexity": matched["mod"], "executed_fraction": matched["executed_fraction"],
@@ -159,9 +155,10 @@ def main() -> None:
     _plot(curves, out_dir / "bistability.png", args.target)
     record = {"command": command, "settings": vars(args), "base": str(base_dir), "corpus": CORPUS_DESCRIPTION,
               "rows": rows, "bistability": curves, "seconds": round(time.perf_counter() - start)}
-    (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out_dir / "results.md").write_text(_markdown(record, args))
-    print(f"wrote {out_dir / 'results.md'}")
+    atomic_write_text(out_dir / "results.json", json.dumps(record, indent=2) + "\n")
+    atomic_replace_section(out_dir / "results.md", "topk_vs_threshold", "\n".join(variants_table(record)))
+    atomic_replace_section(out_dir / "results.md", "bistability", "\n".join(bistability_table(record)))
+    print(f"wrote {out_dir / 'results.json'} and the tables of {out_dir / 'results.md'}")
 
 
 def _plot(curves: dict, path: Path, target: float) -> None:
@@ -184,37 +181,21 @@ def _plot(curves: dict, path: Path, target: float) -> None:
     plt.close(fig)
 
 
-def _markdown(record: dict, args) -> str:
-    lines = [
-        "# Threshold-p MoDification vs top-k MoD at matched compute (demo scale)",
-        "",
-        f"Produced by `{record['command']}` ({record['seconds']} s on this machine).",
-        "",
-        f"Base: the demo base model (`{Path(record['base']).name}` in the demo cache), trained on {record['corpus']}. Held-out text: works never "
-        f"seen in training; perplexity at context {args.context} over {args.eval_tokens} tokens (sliding window). "
-        f"Every variant: recipe `{args.recipe}`, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, "
-        f"router lr {args.router_lr}, same data; target executed fraction {args.target} (every other layer routed).",
-        "",
-        "| variant | evaluated | executed fraction | perplexity | base perplexity |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+def variants_table(record: dict) -> list[str]:
+    lines = ["| variant | evaluated | executed fraction | perplexity | base perplexity |",
+             "| --- | --- | --- | --- | --- |"]
     for row in record["rows"]:
         lines.append(f"| {row['variant']} | {row['evaluation']} | {row['executed_fraction']:.3f} | "
                      f"{row['perplexity']:.2f} | {row['base_perplexity']:.2f} |")
-    lines += [
-        "",
-        "## Bistability of the layer-load objective",
-        "",
-        "Router-only training, executed fraction over the run (docs/bistability.png):",
-        "",
-        "| objective | executed fraction at steps |",
-        "| --- | --- |",
-    ]
+    return lines
+
+
+def bistability_table(record: dict) -> list[str]:
+    lines = ["| objective | executed fraction at steps |", "| --- | --- |"]
     for label, points in record["bistability"].items():
         shown = ", ".join(f"{s}: {f:.2f}" for s, f in points[:: max(1, len(points) // 6)])
         lines.append(f"| {label} | {shown} |")
-    lines += ["", "![executed fraction during router training](bistability.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -59,3 +59,15 @@ def atomic_write_text(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_replace_section(path: Path, name: str, text: str) -> Path:
+    """Replace what stands between the lines `<!-- begin: name -->` and `<!-- end: name -->` of `path` with `text`,
+    through `atomic_write_text`, and keep the rest: the generated part of a file that people write around it."""
+    begin, end = f"<!-- begin: {name} -->", f"<!-- end: {name} -->"
+    old = path.read_text(encoding="utf-8")
+    if old.count(begin) != 1 or old.count(end) != 1 or old.index(begin) > old.index(end):
+        raise ValueError(f"{path} must hold the lines {begin!r} and {end!r} once each, in that order")
+    head, rest = old.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    return atomic_write_text(path, f"{head}{begin}\n{text.strip()}\n{end}{tail}")

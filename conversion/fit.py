@@ -12,8 +12,8 @@ What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/result
    on held-out text); the Fisher score is predictable (Spearman 0.22) and beats random routing. "How little the layer
    changes the token" is what a router fits best, but keeps the wrong tokens. Each router is a ridge regression of the
    Gaussian-ranked score on its RMS-normalised input (exactly what `MoDRouter.score` computes).
-3. **Attention sinks**: the first `routing_sink_tokens` positions run every layer (`routing_sink_tokens`); skipping them cost
-   more than all other choices together (random routing of 8 layers: 80 -> 67 perplexity with 4 sinks kept).
+3. **Attention sinks**: the first `routing_sink_tokens` positions run every layer; skipping them cost more than all
+   other choices together (random routing of 8 layers: 80 -> 67 perplexity with 4 sinks kept).
 4. **Where the budget goes**: costs of skipping tokens in several layers compound while deleting layers compounds
    less, so three plans are built from the ranked layers, calibrated and measured whole on the calibration text, and
    the best is kept: token routing (each of the cheapest layers skips up to `max_skip` of its tokens), whole layers
@@ -22,6 +22,9 @@ What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/result
    (`calibrate.calibrate_thresholds` with per-layer targets); `fit_checkpoint` then folds each threshold into its
    router bias, so every routed layer keeps `p = 0.5` and gates are centred on the decision boundary for any later
    training.
+
+The measurements of 1 and 2 do not depend on the target: a sweep over targets takes them once (`measure_layers`) and
+hands them to every fit (`fit_routers(..., measured=...)`) rather than measuring again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -217,14 +220,99 @@ def with_routed_layers(model: MoDForCausalLM, layers: list[int], **routing) -> M
     return new.eval()
 
 
-def fit_routers(
+def _run_every_token(router: torch.nn.Module) -> None:
+    router.weight.data.zero_()
+    router.bias.data.fill_(30.0)
+
+
+def measuring_model(model: MoDForCausalLM, sink_tokens: int) -> MoDForCausalLM:
+    """What the fit measures on: `model`'s weights with every layer routed and every router running every token."""
+    model = with_routed_layers(model, list(range(model.config.num_hidden_layers)), routing_sink_tokens=sink_tokens)
+    for layer in model.model.layers:
+        _run_every_token(layer.router)
+    return model
+
+
+@dataclass
+class LayerMeasurements:
+    """What `fit_routers` measures on the dense model (`measuring_model`): the removal cost of every layer and, for
+    the layers it may route, the Fisher scores the routers regress on. None of it depends on the target executed
+    fraction: a sweep over targets measures once (`measure_layers`) and passes the result to every fit."""
+
+    removal_costs: list[float]  # per layer, `layer_removal_costs`
+    routing_sink_tokens: int  # the sinks the costs were measured with
+    label_samples: int  # the Fisher scores' backward passes
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # per scored layer, `fisher_scores`
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def check(self, n_layers: int, settings: FitSettings) -> None:
+        """A clear error when these measurements were taken on another model or under other settings."""
+        if len(self.removal_costs) != n_layers:
+            raise ValueError(f"the measurements hold {len(self.removal_costs)} layer costs, the model has {n_layers} "
+                             "layers")
+        for name in ("routing_sink_tokens", "label_samples"):
+            if getattr(self, name) != getattr(settings, name):
+                raise ValueError(f"the measurements were taken with {name}={getattr(self, name)}, the fit asks for "
+                                 f"{getattr(settings, name)}")
+
+    def with_scores(self, model: MoDForCausalLM, batches: Sequence[dict], layers: Sequence[int]) -> LayerMeasurements:
+        """These measurements plus the Fisher scores of those `layers` not scored yet, measured on `model`."""
+        missing = [j for j in layers if j not in self.scores]
+        if not missing:
+            return self
+        inputs, scores = fisher_scores(model, batches, missing, samples=self.label_samples)
+        return replace(self, inputs={**self.inputs, **inputs}, scores={**self.scores, **scores})
+
+
+def measure_layers(
     model: MoDForCausalLM, batches: Sequence[dict], settings: FitSettings, progress: bool = True
+) -> LayerMeasurements:
+    """Every layer's removal cost and Fisher scores on `batches`, for fits of `model` to several targets."""
+    batches = list(batches)
+    dense = measuring_model(model, settings.routing_sink_tokens)
+    costs = layer_removal_costs(dense, batches, settings.routing_sink_tokens, progress=progress)
+    measured = LayerMeasurements(costs, settings.routing_sink_tokens, settings.label_samples)
+    return measured.with_scores(dense, batches, range(len(costs)))
+
+
+def routable_layers(costs: Sequence[float], settings: FitSettings) -> list[int]:
+    """The layers a fit may route, cheapest first: with `routed_layers="auto"` every layer whose removal costs at
+    most `ruinous_factor` times the median layer's, else the layers `settings` names."""
+    n_layers = len(costs)
+    if settings.routed_layers == "auto":
+        median = sorted(costs)[n_layers // 2]
+        candidates = [j for j in range(n_layers) if costs[j] <= settings.ruinous_factor * max(median, 1e-6)]
+    else:
+        candidates = [int(j) for j in settings.routed_layers]
+        bad = [j for j in candidates if not 0 <= j < n_layers]
+        if bad:
+            raise ValueError(f"routed layers {bad} do not exist: the model has {n_layers} layers")
+    return sorted(candidates, key=lambda j: costs[j])
+
+
+def fit_layer_routers(
+    model: MoDForCausalLM, layers: Sequence[int], measured: LayerMeasurements, batches: Sequence[dict],
+    settings: FitSettings,
+) -> None:
+    """Set the routers of `layers` by `fit_router_weights` from `measured` (taken on `batches`); the sinks are left
+    out of the regression, they run by rule."""
+    keep = torch.cat([~_sink_mask(b, settings.routing_sink_tokens).reshape(-1) for b in batches])
+    for j in layers:
+        fit_router_weights(model.model.layers[j].router, measured.inputs[j], measured.scores[j], keep, settings.ridge,
+                           settings.logit_scale)
+
+
+def fit_routers(
+    model: MoDForCausalLM, batches: Sequence[dict], settings: FitSettings, progress: bool = True,
+    measured: LayerMeasurements | None = None,
 ) -> tuple[MoDForCausalLM, FitRecord]:
     """Route `model` to the executed fraction `settings.executed_fraction` from measurements on `batches` (see the
     module docstring).
 
-    Returns a model (a new one: its routed layers may change) with fitted routers and calibrated thresholds, and the
-    record of what was measured.
+    `measured`: the measurements of `measure_layers` on the same model, batches and settings, when several fits
+    share them (a sweep over targets); the fit then measures only the Fisher scores they lack, and its result is the
+    one it reaches measuring everything itself. Returns a model (a new one: its routed layers may change) with
+    fitted routers and calibrated thresholds, and the record of what was measured.
     """
 
     start = time.perf_counter()
@@ -233,36 +321,29 @@ def fit_routers(
     if not 0.0 < settings.max_skip <= 1.0:
         raise ValueError(f"max_skip must lie in (0, 1], got {settings.max_skip}")
     if model.config.router_kind != "threshold":
-        raise ValueError(f"fitting sets threshold routers: router_kind must be 'threshold', not {model.config.router_kind!r}")
+        raise ValueError("fitting sets threshold routers: router_kind must be 'threshold', not "
+                         f"{model.config.router_kind!r}")
     batches = list(batches)
     if not batches:
         raise ValueError("fitting routers needs at least one batch of calibration text")
     n_layers = model.config.num_hidden_layers
-    model = with_routed_layers(model, list(range(n_layers)), routing_sink_tokens=settings.routing_sink_tokens)
-    for layer in model.model.layers:  # every token runs while measuring
-        layer.router.weight.data.zero_()
-        layer.router.bias.data.fill_(30.0)
-
-    costs = layer_removal_costs(model, batches, settings.routing_sink_tokens, progress=progress)
-    ordered = sorted(costs)
-    median = ordered[len(ordered) // 2]
-    if settings.routed_layers == "auto":
-        candidates = [j for j in range(n_layers) if costs[j] <= settings.ruinous_factor * max(median, 1e-6)]
-    else:
-        candidates = sorted(int(j) for j in settings.routed_layers)
-        bad = [j for j in candidates if not 0 <= j < n_layers]
-        if bad:
-            raise ValueError(f"routed layers {bad} do not exist: the model has {n_layers} layers")
+    model = measuring_model(model, settings.routing_sink_tokens)  # every token runs while measuring
+    if measured is None:
+        costs = layer_removal_costs(model, batches, settings.routing_sink_tokens, progress=progress)
+        measured = LayerMeasurements(costs, settings.routing_sink_tokens, settings.label_samples)
+    measured.check(n_layers, settings)
+    costs = measured.removal_costs
+    ranked = routable_layers(costs, settings)
     budget = (1.0 - settings.executed_fraction) * n_layers
-    record = FitRecord(settings=fit_settings_record(settings), layer_removal_cost=[round(c, 5) for c in costs], routed_layers=[],
-                       planned_skip={}, calibration_tokens=sum(int(b["input_ids"].numel()) for b in batches))
+    record = FitRecord(settings=fit_settings_record(settings), layer_removal_cost=[round(c, 5) for c in costs],
+                       routed_layers=[], planned_skip={},
+                       calibration_tokens=sum(int(b["input_ids"].numel()) for b in batches))
     if budget <= 1e-9:
         model = with_routed_layers(model, [], routing_sink_tokens=settings.routing_sink_tokens)
         record.seconds = round(time.perf_counter() - start, 1)
         return model, record
 
     # Fit the routers of the cheapest candidates (enough of them to hold the budget at max_skip, and a margin).
-    ranked = sorted(candidates, key=lambda j: costs[j])
     needed = math.ceil(budget / settings.max_skip)
     if needed > len(ranked):
         raise ValueError(
@@ -271,16 +352,10 @@ def fit_routers(
             "max_skip"
         )
     fitted_layers = sorted(ranked[: min(len(ranked), 2 * needed)])
-    inputs, scores = fisher_scores(model, batches, fitted_layers, samples=settings.label_samples)
-    keep = torch.cat([~_sink_mask(b, settings.routing_sink_tokens).reshape(-1) for b in batches])
-    fitted: dict[int, torch.Tensor] = {}
-    for j in tqdm(fitted_layers, desc="fitting routers", disable=not progress):
-        router = model.model.layers[j].router
-        fit_router_weights(router, inputs[j], scores[j], keep, settings.ridge, settings.logit_scale)
-        fitted[j] = router.weight.detach().clone()
-        router.weight.data.zero_()
-        router.bias.data.fill_(30.0)  # runs every token again while the plans are measured against the dense model
-    del inputs, scores
+    fit_layer_routers(model, fitted_layers, measured.with_scores(model, batches, fitted_layers), batches, settings)
+    fitted = {j: model.model.layers[j].router.weight.detach().clone() for j in fitted_layers}
+    for j in fitted_layers:  # every token runs again while the plans are measured against the dense model
+        _run_every_token(model.model.layers[j].router)
 
     # Candidate plans (layer -> share of its tokens skipped), each calibrated and measured whole on the calibration
     # text, because costs do not add up: skipping tokens in several layers compounds, deleting layers less so.
@@ -293,7 +368,7 @@ def fit_routers(
     best = None
     base_loss = mean_loss(model, batches)
     for name, plan in tqdm(plans.items(), desc="measuring plans", disable=not progress):
-        candidate = _routed_model(model, plan, fitted, settings, batches)
+        candidate = model_for_plan(model, plan, fitted, settings, batches)
         loss = mean_loss(candidate, batches)
         plan_losses[name] = round(loss - base_loss, 5)
         if best is None or loss < best[0]:
@@ -340,11 +415,12 @@ def _plan_mixed(ranked: list[int], budget: float, max_skip: float, fitted: dict)
     return plan
 
 
-def _routed_model(
-    model: MoDForCausalLM, plan: dict[int, float], fitted: dict[int, torch.Tensor], settings: FitSettings,
+def model_for_plan(
+    model: MoDForCausalLM, plan: dict[int, float], weights: dict[int, torch.Tensor], settings: FitSettings,
     batches: Sequence[dict],
 ) -> MoDForCausalLM:
-    """A model routing the layers of `plan` with the fitted routers, thresholds calibrated layer by layer."""
+    """A model routing the layers of `plan` (layer -> share of its tokens skipped) with the router `weights`, its
+    thresholds calibrated layer by layer to the plan on `batches`."""
     from .calibrate import calibrate_thresholds
 
     new = with_routed_layers(model, sorted(plan), routing_sink_tokens=settings.routing_sink_tokens)
@@ -352,7 +428,7 @@ def _routed_model(
         for j in plan:
             router = new.model.layers[j].router
             if plan[j] < 1.0 - 1e-9:
-                router.weight.copy_(fitted[j])  # else skipped whole (but its sinks): a zero weight scores nothing
+                router.weight.copy_(weights[j])  # else skipped whole (but its sinks): a zero weight scores nothing
             router.bias.zero_()
     calibrate_thresholds(new, batches, routed_fractions={j: 1.0 - plan[j] for j in plan}, progress=False)
     return new

@@ -8,12 +8,13 @@ layer, causal attention inside it with r^2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -119,6 +120,111 @@ def _prompt(prompt_ids: torch.Tensor | None, vocab: int, batch: int, length: int
     return torch.stack([prompt_ids[i * step: i * step + length] for i in range(batch)])
 
 
+@contextlib.contextmanager
+def cuda_peak_memory(device: torch.device) -> Iterator[dict]:
+    """Measure the CUDA allocator's peak above what was allocated on entry: `peak_memory_bytes` in the yielded dict
+    after the block (nothing off CUDA)."""
+    peak: dict = {}
+    if device.type != "cuda":
+        yield peak
+        return
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    yield peak
+    peak["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - before
+
+
+def _alternating(run: Callable[[str], tuple[float, dict]], repetitions: int, device: torch.device, bar) -> tuple:
+    """Call `run(name)` -> (seconds, info) for "mod" and "base" in alternating order: a warm-up round, whose info is
+    kept with its CUDA peak memory, then `repetitions` timed rounds. Returns the seconds per name and the warm-up
+    info per name."""
+    times: dict[str, list[float]] = {"mod": [], "base": []}
+    warm_up: dict[str, dict] = {}
+    for rep in range(repetitions + 1):
+        for name in ("mod", "base") if rep % 2 == 0 else ("base", "mod"):
+            if rep == 0:
+                with cuda_peak_memory(device) as peak:
+                    _, info = run(name)
+                warm_up[name] = {**info, **peak}
+            else:
+                times[name].append(run(name)[0])
+            bar.update()
+    return times, warm_up
+
+
+def _kv_fields(warm_up: dict) -> dict:
+    return {"mod_kv_bytes": warm_up["mod"]["kv_bytes"], "base_kv_bytes": warm_up["base"]["kv_bytes"],
+            "kv_ratio": warm_up["mod"]["kv_bytes"] / warm_up["base"]["kv_bytes"]}
+
+
+def _peak_memory_fields(warm_up: dict) -> dict:
+    if "peak_memory_bytes" not in warm_up["mod"]:  # not measured (off CUDA)
+        return {}
+    mod, base = warm_up["mod"]["peak_memory_bytes"], warm_up["base"]["peak_memory_bytes"]
+    return {"mod_peak_memory_bytes": mod, "base_peak_memory_bytes": base, "peak_memory_ratio": mod / base}
+
+
+def _prefill_entry(models: dict, ids: torch.Tensor, repetitions: int, device: torch.device, bar) -> dict:
+    """Prefill latency of one prompt, MoD against base, with what the MoD model routed and what the caches hold."""
+
+    def run(name: str) -> tuple[float, dict]:
+        seconds, out = _timed(lambda: _prefill(models[name], ids), device)
+        info = {"kv_bytes": cache_kv_bytes(out.cache)}
+        if name == "mod":
+            info["routed_fraction"] = [round(float(x), 6) for x in out.routed_fraction]
+        return seconds, info
+
+    times, warm_up = _alternating(run, repetitions, device, bar)
+    mod_t, base_t = summarize(times["mod"]), summarize(times["base"])
+    routed = warm_up["mod"]["routed_fraction"]
+    # Runs alternate, so repetition i of MoD and of base ran side by side: their ratio cancels slow drifts.
+    paired = summarize([m / b for m, b in zip(times["mod"], times["base"])])
+    executed = sum(routed) / len(routed)
+    return {
+        "length": ids.shape[1],
+        "mod_seconds": mod_t,
+        "base_seconds": base_t,
+        "latency_ratio": mod_t["median"] / base_t["median"],
+        "latency_ratio_paired": {k: v for k, v in paired.items() if k != "samples"},
+        "executed_fraction": executed,
+        "ideal_latency_ratio": ideal_prefill_ratio(models["mod"].config, routed, ids.shape[1]),
+        "routed_fraction_per_layer": routed,
+        **_kv_fields(warm_up),
+        "ideal_kv_ratio": executed,
+        **_peak_memory_fields(warm_up),
+    }
+
+
+def _decode_row(models: dict, prompt: torch.Tensor, tokens: int, repetitions: int, device: torch.device, bar) -> dict:
+    """Greedy decoding of `tokens` tokens after `prompt` (its prefill not timed), MoD against base."""
+
+    def run(name: str) -> tuple[float, dict]:
+        out = _prefill(models[name], prompt)
+        last = out.logits[:, -1:].argmax(-1)
+        seconds, (cache, routed) = _timed(lambda: _decode(models[name], out.cache, last, tokens), device)
+        return seconds, {"kv_bytes": cache_kv_bytes(cache), "routed": routed}  # prompt + new tokens
+
+    times, warm_up = _alternating(run, repetitions, device, bar)
+    batch_size = prompt.shape[0]
+    mod_tps = [batch_size * tokens / s for s in times["mod"]]
+    base_tps = [batch_size * tokens / s for s in times["base"]]
+    executed = sum(warm_up["mod"]["routed"]) / len(warm_up["mod"]["routed"])
+    return {
+        "batch_size": batch_size,
+        "prompt_length": prompt.shape[1],
+        "new_tokens": tokens,
+        "mod_tokens_per_second": summarize(mod_tps),
+        "base_tokens_per_second": summarize(base_tps),
+        "throughput_ratio": statistics.median(mod_tps) / statistics.median(base_tps),
+        "executed_fraction": executed,
+        # Decoding is bound by the linear layers at these lengths: their work scales with the executed fraction.
+        "ideal_throughput_ratio": 1.0 / executed if executed > 0 else None,
+        **_kv_fields(warm_up),
+        **_peak_memory_fields(warm_up),
+    }
+
+
 def run_benchmark(
     mod_model: MoDForCausalLM,
     base_model: torch.nn.Module,
@@ -141,112 +247,26 @@ def run_benchmark(
     with random weights); otherwise the model's own thresholds are used as they are.
     """
     device = next(mod_model.parameters()).device
-    dtype = next(mod_model.parameters()).dtype
-    vocab = mod_model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     models = {"mod": mod_model.eval(), "base": base_model.eval()}
-    result: dict = {"prefill": [], "decode": []}
-    steps = len(lengths) * (repetitions + 1) * 2 + len(decode_batch_sizes) * (repetitions + 1) * 2
-    bar = tqdm(total=steps, desc="benchmark", disable=not progress)
+    bar = tqdm(total=(len(lengths) + len(decode_batch_sizes)) * (repetitions + 1) * 2, desc="benchmark",
+               disable=not progress)
 
-    for length in lengths:
-        ids = _prompt(prompt_ids, vocab, 1, length, gen).to(device)
+    def prompt(batch: int, length: int) -> torch.Tensor:
+        ids = _prompt(prompt_ids, mod_model.config.vocab_size, batch, length, gen).to(device)
         if executed_fraction is not None:
             calibrate_thresholds(mod_model, [{"input_ids": ids}], executed_fraction, progress=False)
-        times = {"mod": [], "base": []}
-        info = {}
-        for rep in range(repetitions + 1):  # the first round warms up and is not counted
-            for name in ("mod", "base") if rep % 2 == 0 else ("base", "mod"):
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                    before = torch.cuda.memory_allocated(device)
-                seconds, out = _timed(lambda m=models[name]: _prefill(m, ids), device)
-                bar.update()
-                if rep == 0:
-                    info[name] = {"kv_bytes": cache_kv_bytes(out.cache)}
-                    if name == "mod":
-                        info[name]["routed_fraction"] = [round(float(x), 6) for x in out.routed_fraction]
-                    if device.type == "cuda":
-                        info[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - before
-                    continue
-                times[name].append(seconds)
-                del out
-        mod_t, base_t = summarize(times["mod"]), summarize(times["base"])
-        routed = info["mod"]["routed_fraction"]
-        # Runs alternate, so repetition i of MoD and of base ran side by side: their ratio cancels slow drifts.
-        paired = summarize([m / b for m, b in zip(times["mod"], times["base"])])
-        entry = {
-            "length": length,
-            "mod_seconds": mod_t,
-            "base_seconds": base_t,
-            "latency_ratio": mod_t["median"] / base_t["median"],
-            "latency_ratio_paired": {k: v for k, v in paired.items() if k != "samples"},
-            "executed_fraction": sum(routed) / len(routed),
-            "ideal_latency_ratio": ideal_prefill_ratio(mod_model.config, routed, length),
-            "routed_fraction_per_layer": routed,
-            "mod_kv_bytes": info["mod"]["kv_bytes"],
-            "base_kv_bytes": info["base"]["kv_bytes"],
-            "kv_ratio": info["mod"]["kv_bytes"] / info["base"]["kv_bytes"],
-        }
-        entry["ideal_kv_ratio"] = entry["executed_fraction"]
-        if device.type == "cuda":
-            entry["mod_peak_memory_bytes"] = info["mod"]["peak_memory_bytes"]
-            entry["base_peak_memory_bytes"] = info["base"]["peak_memory_bytes"]
-            entry["peak_memory_ratio"] = entry["mod_peak_memory_bytes"] / entry["base_peak_memory_bytes"]
-        result["prefill"].append(entry)
+        return ids
 
-    for batch_size in decode_batch_sizes:
-        prompt = _prompt(prompt_ids, vocab, batch_size, decode_prompt_len, gen).to(device)
-        if executed_fraction is not None:
-            calibrate_thresholds(mod_model, [{"input_ids": prompt}], executed_fraction, progress=False)
-        times = {"mod": [], "base": []}
-        info = {}
-        for rep in range(repetitions + 1):
-            for name in ("mod", "base") if rep % 2 == 0 else ("base", "mod"):
-                if device.type == "cuda" and rep == 0:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                    before = torch.cuda.memory_allocated(device)
-                out = _prefill(models[name], prompt)
-                last = out.logits[:, -1:].argmax(-1)
-                seconds, (cache, routed) = _timed(
-                    lambda m=models[name], o=out, t=last: _decode(m, o.cache, t, decode_tokens), device
-                )
-                bar.update()
-                if rep == 0:  # warm-up round: record what the cache holds after prompt + new tokens
-                    info[name] = {"kv_bytes": cache_kv_bytes(cache), "routed": routed}
-                    if device.type == "cuda":
-                        info[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - before
-                else:
-                    times[name].append(seconds)
-                del out, cache
-        mod_tps = [batch_size * decode_tokens / s for s in times["mod"]]
-        base_tps = [batch_size * decode_tokens / s for s in times["base"]]
-        decode_executed = sum(info["mod"]["routed"]) / len(info["mod"]["routed"])
-        row = {
-            "batch_size": batch_size,
-            "prompt_length": decode_prompt_len,
-            "new_tokens": decode_tokens,
-            "mod_tokens_per_second": summarize(mod_tps),
-            "base_tokens_per_second": summarize(base_tps),
-            "throughput_ratio": statistics.median(mod_tps) / statistics.median(base_tps),
-            "executed_fraction": decode_executed,
-            # Decoding is bound by the linear layers at these lengths: their work scales with the executed fraction.
-            "ideal_throughput_ratio": 1.0 / decode_executed if decode_executed > 0 else None,
-            "mod_kv_bytes": info["mod"]["kv_bytes"],
-            "base_kv_bytes": info["base"]["kv_bytes"],
-            "kv_ratio": info["mod"]["kv_bytes"] / info["base"]["kv_bytes"],
-        }
-        if device.type == "cuda":
-            row["mod_peak_memory_bytes"] = info["mod"]["peak_memory_bytes"]
-            row["base_peak_memory_bytes"] = info["base"]["peak_memory_bytes"]
-            row["peak_memory_ratio"] = row["mod_peak_memory_bytes"] / row["base_peak_memory_bytes"]
-        result["decode"].append(row)
+    result = {
+        "prefill": [_prefill_entry(models, prompt(1, length), repetitions, device, bar) for length in lengths],
+        "decode": [_decode_row(models, prompt(batch_size, decode_prompt_len), decode_tokens, repetitions, device, bar)
+                   for batch_size in decode_batch_sizes],
+    }
     bar.close()
     result["setup"] = {
         **describe_device(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(next(mod_model.parameters()).dtype).replace("torch.", ""),
         "repetitions": repetitions,
         "prompts": "random token ids" if prompt_ids is None else "slices of the given text",
         "peak_memory": "CUDA allocator peak" if device.type == "cuda" else "not measured on CPU",

@@ -98,6 +98,17 @@ def _clean_boundary(tokenizer, example: dict) -> bool:
     return tokenizer.encode(example["text"] + " " + example["target"])[:len(context)] == context
 
 
+def clean_boundary_examples(text: str, tokenizer, n_examples: int = 200, seed: int = 0) -> list[dict]:
+    """`n_examples` last-word examples of `text` (drawn at random, seeded) among those whose context tokens are a
+    prefix of the tokens of context + " " + word: both scorers split the word off there, and a merge across that
+    boundary would score part of the context."""
+    examples = [e for e in last_word_examples(text, None, seed=seed) if _clean_boundary(tokenizer, e)]
+    if len(examples) > n_examples:
+        rng = random.Random(seed)
+        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), n_examples))]
+    return examples
+
+
 def _task_yaml(task: str, data: Path, tag: str | None = None) -> str:
     tag_line = f"tag:\n  - {tag}\n" if tag else ""
     return f"""{tag_line}task: {task}
@@ -134,8 +145,7 @@ def write_last_word_task(folder: Path, tokenizer_free: bool = True, kinds: Itera
     `n_examples` examples per kind (`last_word_examples` on the kind's held-out text; `seed` picks them). `kinds`
     defaults to the kinds available on this machine; `texts` (name -> held-out text) replaces the prepared texts.
     `tokenizer_free=True`: examples are chosen from words alone, so one task serves every model. With False, pass
-    `tokenizer`: examples whose context tokens are not a prefix of the tokens of context + " " + word are dropped
-    (both scorers split the word off there; a merge across that boundary would score part of the context).
+    `tokenizer`: examples whose word does not split off at a token boundary are dropped (`clean_boundary_examples`).
     """
     if not tokenizer_free and tokenizer is None:
         raise ValueError("tokenizer_free=False needs the tokenizer whose boundaries the examples are checked against")
@@ -152,12 +162,8 @@ def write_last_word_task(folder: Path, tokenizer_free: bool = True, kinds: Itera
     for kind, text in texts.items():
         if not re.fullmatch(r"[A-Za-z0-9_]+", kind):
             raise ValueError(f"text kind names become task names: {kind!r} must be letters, digits and _")
-        examples = last_word_examples(text, n_examples=None if not tokenizer_free else n_examples, seed=seed)
-        if not tokenizer_free:
-            examples = [e for e in examples if _clean_boundary(tokenizer, e)]
-            if len(examples) > n_examples:
-                rng = random.Random(seed)
-                examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), n_examples))]
+        examples = (last_word_examples(text, n_examples, seed=seed) if tokenizer_free
+                    else clean_boundary_examples(text, tokenizer, n_examples, seed=seed))
         if not examples:
             raise ValueError(f"the held-out text of {kind!r} offers no last-word example")
         data = folder / f"last_word_{kind}.jsonl"

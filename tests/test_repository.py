@@ -58,6 +58,11 @@ def _modules() -> dict[str, Path]:
     return modules
 
 
+def _benchmarks() -> dict[str, Path]:
+    """The benchmark scripts (outside the package), by the name an import of one would use."""
+    return {f"benchmarks.{path.stem}": path for path in sorted((ROOT / "benchmarks").glob("*.py"))}
+
+
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The package modules `name` imports anywhere in its file (also inside functions: a circle through a lazy
     import is still a circle in the design)."""
@@ -121,12 +126,54 @@ def test_layers_depend_one_way():
         assert not bad, f"{name} imports {bad}"
 
 
+def _import_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "import_module", "spec_from_file_location", "run_path"):
+            roots |= {arg.value.split(".")[0].split("/")[0] for arg in node.args if isinstance(arg, ast.Constant)}
+    return roots
+
+
+def test_benchmarks_call_the_library_and_nothing_imports_them():
+    """Benchmarks may use anything of the package, but its public names only, and never patch it (replace what a
+    module holds); no module of the package or benchmark imports a benchmark."""
+    benchmarks = _benchmarks()
+    assert "benchmarks.quality_curve" in benchmarks
+    for name, path in {**_modules(), **benchmarks}.items():
+        assert "benchmarks" not in _import_roots(path), f"{name} imports a benchmark"
+    for name, path in benchmarks.items():
+        tree = ast.parse(path.read_text())
+        modules = set()  # names bound to imported modules, e.g. `from modification.conversion import fit`
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("modification"):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{name} imports private names {private} from {node.module}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for target in targets:
+                patched = isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and \
+                    target.value.id in modules
+                assert not patched, f"{name}:{node.lineno} patches {target.value.id}.{target.attr}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setattr" and node.args:
+                first = node.args[0]
+                assert not (isinstance(first, ast.Name) and first.id in modules), f"{name}:{node.lineno} patches"
+
+
 def test_toolkit_files_stay_short_or_say_why():
-    for part, folder in PARTS.items():
-        for path in (ROOT / folder).glob("*.py"):
-            relative = path.relative_to(ROOT).as_posix()
-            lines = len(path.read_text().splitlines())
-            assert lines <= 420 or relative in LONG_FILES, f"{relative} has {lines} lines"
+    paths = [*_modules().values(), *_benchmarks().values()]
+    assert any(path.parent.name == "benchmarks" for path in paths)
+    for path in paths:
+        relative = path.relative_to(ROOT).as_posix()
+        lines = len(path.read_text().splitlines())
+        assert lines <= 420 or relative in LONG_FILES, f"{relative} has {lines} lines"
     for relative in LONG_FILES:
         assert (ROOT / relative).is_file()
 
