@@ -1135,12 +1135,16 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "MOD_ATTENTION_FUNCTIONS",
+    "THRESHOLD_LOGIT_LIMIT",
     "MoDCache",
     "MoDConfig",
     "MoDForCausalLM",
     "MoDModel",
     "MoDPreTrainedModel",
+    "MoDRouter",
+    "logit_to_threshold",
     "sdpa_packed_attention_forward",
+    "threshold_to_logit",
     "torch_varlen_attention_forward",
 ]
 
