@@ -708,11 +708,13 @@ class MoDRouter(nn.Module):
         """Router logits `[batch, seq]`, float32."""
         return F.linear(self.features(hidden_states), self.weight.float(), self.bias.float()).squeeze(-1)
 
-    def sink_mask(self, position_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def sink_mask(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """`[batch, seq]` bool: the attention sinks, the first `config.routing_sink_tokens` positions of each sequence,
         which run every routed layer whatever their score (so no layer's K/V ever lacks them). Positions count from
-        each sequence's first real token, as generation passes them under left padding (`attention_mask.cumsum(-1) -
-        1`); padding (`valid` False) is never a sink."""
+        each sequence's first real token, as generation passes them under left padding (`position_ids=None`: counted
+        from `valid`, the non-padding tokens, `valid.cumsum(-1) - 1`); padding (`valid` False) is never a sink."""
+        if position_ids is None:
+            position_ids = valid.long().cumsum(-1) - 1
         sinks = position_ids < self.config.routing_sink_tokens
         return sinks if valid is None else sinks & valid
 
@@ -786,9 +788,9 @@ class TopKRouter(MoDRouter):
 
 class DenseRouter(MoDRouter):
     """`router_kind="dense"`: every token runs (the base model). The router still scores the tokens, so that its
-    logits can be looked at (`output_router_logits`) before routing is switched on, but decides nothing: no gate, no
-    objective, no sinks. Its weights are frozen: they get no gradient, and a trainable parameter that never gets one
-    breaks `DistributedDataParallel`."""
+    logits can be looked at (`output_router_logits`) before routing is switched on, but decides nothing (unless its
+    `override` is set): no gate, no objective, no sinks. Its weights are frozen: they get no gradient, and a trainable
+    parameter that never gets one breaks `DistributedDataParallel`."""
 
     def __init__(self, config: MoDConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -796,7 +798,10 @@ class DenseRouter(MoDRouter):
 
     def forward(self, hidden_states, position_ids, valid, has_past) -> RoutingDecision:
         # Detached: logits only looked at keep no autograd graph (and no float32 activations) alive in training.
-        return RoutingDecision(logits=self.score(hidden_states.detach()), mask=valid)
+        hidden_states = hidden_states.detach()
+        if self.override is not None:  # the measurement switch holds for every router kind
+            return super().forward(hidden_states, position_ids, valid, has_past)
+        return RoutingDecision(logits=self.score(hidden_states), mask=valid)
 
 
 ROUTER_CLASSES = {"threshold": ThresholdRouter, "topk": TopKRouter, "dense": DenseRouter}

@@ -186,6 +186,7 @@ def test_sinks_count_from_the_first_real_token():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     sinks = router.sink_mask((mask.cumsum(-1) - 1).clamp(min=0), mask.bool())
     assert sinks.tolist() == [[False, False, True, True, False], [True, True, False, False, False]]
+    assert torch.equal(router.sink_mask(None, mask.bool()), sinks)  # positions counted from the padding mask
 
 
 def test_threshold_logit_and_its_inverse():
@@ -234,6 +235,13 @@ def test_router_override_runs_or_skips_every_token_but_the_sinks(granularity):
         assert torch.equal(out.router_decisions[j], sinks) and out.cache.cached_tokens()[j] == 4
     with pytest.raises(ValueError, match="override must be None, 'run' or 'skip'"):
         routers[0].override = "skipped"
+    dense = convert_model(base, router_kind="dense", routing_granularity=granularity, routing_sink_tokens=2)
+    for j in dense.config.routed_layers:  # dense routers take the switch too
+        dense.model.layers[j].router.override = "skip"
+    with torch.no_grad():
+        skipped = dense(ids, attention_mask=mask, position_ids=pos, output_router_decisions=True)
+    assert all(torch.equal(skipped.router_decisions[j], sinks) for j in dense.config.routed_layers)
+    torch.testing.assert_close(skipped.logits, out.logits)  # the same weights, layers skipped the same way
 
 
 def test_granularity_is_read_from_the_config_at_every_call():
