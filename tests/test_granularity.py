@@ -410,3 +410,18 @@ def test_bad_budget_names_the_field():
         RoutingPlan(4, [3, 1], [0.5, 0.5], ["block", "block"])
     with pytest.raises(ValueError, match=r"routing_plan\.routed_share must be one value in \[0, 1\] per routed"):
         RoutingPlan(4, [1, 3], [0.5], ["block", "block"])
+
+
+def test_attention_routing_trains_the_router_and_checkpoints():
+    from modification.conversion.train import enable_checkpointing
+
+    model = routed_model("llama", routing_granularity="attention", load_loss_coef=0.0).train()
+    ids = _ids(2, 24, seed=8)
+    model(ids, labels=ids).loss.backward()  # the LM loss alone reaches the router, through the attention gate
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["model.layers.1.router.weight"].abs().sum() > 0
+    model.zero_grad()
+    enable_checkpointing(model)
+    model(ids, labels=ids).loss.backward()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
