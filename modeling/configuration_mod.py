@@ -4,7 +4,7 @@ This file is copied into every MoD checkpoint: it imports only transformers (and
 """
 
 import textwrap
-from dataclasses import MISSING, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Literal
 
 # The `@strict` decorator of every transformers 5 config (huggingface_hub's), imported through transformers so that this
@@ -15,17 +15,20 @@ from transformers.configuration_utils import PreTrainedConfig, strict
 
 ROUTER_KINDS = ("threshold", "topk", "dense")
 GATE_MODES = ("scale", "exact")
+ROUTING_GRANULARITIES = ("block", "attention")
 # Base architectures whose weights map one-to-one onto MoDForCausalLM.
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_routed_layers(value: list[int] | None) -> None:
-    if value is None:
-        return
-    for idx in value:
-        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+    for idx in value or []:
+        if not _is_int(idx) or idx < 0:
             raise ValueError(f"routed_layers holds {idx!r}, but layer indices must be integers >= 0")
-    if len(set(value)) != len(value) or list(value) != sorted(value):
+    if value is not None and list(value) != sorted(set(value)):
         raise ValueError(f"routed_layers must be sorted and without repeats, got {value}")
 
 
@@ -33,6 +36,11 @@ def _check_threshold(value: float | list[float]) -> None:
     for p in value if isinstance(value, list) else [value]:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
             raise ValueError(f"router_threshold must lie in the open interval (0, 1), got {p!r}")
+
+
+def _check_granularity(value: str | list[str]) -> None:
+    if any(g not in ROUTING_GRANULARITIES for g in (value if isinstance(value, list) else [value])):
+        raise ValueError(f"routing_granularity must be 'block' or 'attention', or a list of them, got {value!r}")
 
 
 def _check_capacity(value: float) -> None:
@@ -52,8 +60,95 @@ def _check_target(value: float | list[float] | None) -> None:
 
 
 def _check_sink_tokens(value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_int(value) or value < 0:
         raise ValueError(f"routing_sink_tokens must be an integer >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """A per-layer routing plan, stored in `MoDConfig.routing_plan` as `to_dict()`: for each routed layer the share of
+    its (non-padding) tokens that run it, sinks included (`routed_share`: its `routed_fraction` once thresholds hit the
+    plan), and what a skipped token leaves out (`granularity`); unrouted layers keep every token. `kv_fraction()` and
+    `flop_fraction(config, T)` say what it saves, `scaled(...)` fits it to another budget. A bad value raises a
+    `ValueError` naming `routing_plan.<field>`."""
+
+    num_layers: int
+    routed_layers: tuple[int, ...]
+    routed_share: tuple[float, ...]
+    granularity: tuple[str, ...]
+
+    def __post_init__(self):
+        for name in ("routed_layers", "routed_share", "granularity"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        n, layers, shares, kinds = self.num_layers, self.routed_layers, self.routed_share, self.granularity
+        for name, expected, ok in (
+            ("num_layers", "an integer >= 1", _is_int(n) and n >= 1),
+            ("routed_layers", f"sorted indices in [0, {n - 1}] without repeats",
+             all(_is_int(j) and 0 <= j < n for j in layers) and list(layers) == sorted(set(layers))),
+            ("routed_share", "one value in [0, 1] per routed layer", len(shares) == len(layers) and all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r <= 1.0 for r in shares)),
+            ("granularity", "'block' or 'attention' per routed layer", len(kinds) == len(layers)
+             and all(g in ROUTING_GRANULARITIES for g in kinds)),
+        ):
+            if not ok:
+                raise ValueError(f"routing_plan.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:  # the plain form config.json stores (`MoDConfig.routing_plan`)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: "MoDConfig", routed_share: float | list[float] | None = None) -> "RoutingPlan":
+        """`config.routing_plan`, or the config's routed layers and granularities with `routed_share` (one value, or
+        one per routed layer: e.g. measured routed fractions)."""
+        if routed_share is None:
+            if not isinstance(config.routing_plan, dict) or set(config.routing_plan) != set(cls.__dataclass_fields__):
+                raise ValueError(f"routing_plan must be a dict with keys {', '.join(cls.__dataclass_fields__)}, "
+                                 f"got {config.routing_plan!r}")
+            return cls(**config.routing_plan)
+        layers = config.routed_layers
+        shares = list(routed_share) if isinstance(routed_share, (list, tuple)) else [routed_share] * len(layers)
+        return cls(config.num_hidden_layers, layers, shares,
+                   [config.routed_layer_value("routing_granularity", j) for j in layers])
+
+    def config_fields(self) -> dict:  # the config fields that route as this plan: MoDConfig(..., **these)
+        return {"routed_layers": list(self.routed_layers), "routing_granularity": list(self.granularity),
+                "routing_plan": self.to_dict()}
+
+    def layer_shares(self) -> list[float]:
+        """The share of tokens each of the `num_layers` layers keeps (1 for unrouted layers)."""
+        shares = dict(zip(self.routed_layers, self.routed_share))
+        return [float(shares.get(j, 1.0)) for j in range(self.num_layers)]
+
+    def kv_fraction(self) -> float:
+        """K/V entries written over the dense model's: the kept share averaged over all layers."""
+        return sum(self.layer_shares()) / self.num_layers
+
+    def flop_fraction(self, config: "MoDConfig", context_length: int) -> float:
+        """Executed over dense FLOPs for a prefill of `context_length` tokens (see `MoDConfig.prefill_flops`)."""
+        return config.prefill_flops(context_length, self)["total"] / config.prefill_flops(context_length)["total"]
+
+    def scaled(self, kv_fraction: float | None = None, *, flop_fraction: float | None = None,
+               config: "MoDConfig | None" = None, context_length: int | None = None) -> "RoutingPlan":
+        """This plan at another budget, `kv_fraction` or `flop_fraction` (at `context_length`, for `config`): every
+        routed layer's skipped share `1 - routed_share` times one factor, clamped to whole layers (a plan that skips
+        nothing spreads the budget evenly)."""
+        name, target = ("kv_fraction", kv_fraction) if flop_fraction is None else ("flop_fraction", flop_fraction)
+        if (kv_fraction is None) == (flop_fraction is None) or (flop_fraction is not None and config is None):
+            raise ValueError("give one budget: kv_fraction, or flop_fraction with config and context_length")
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+            raise ValueError(f"{name} must lie in (0, 1], got {target!r}")
+        skipped = [1.0 - r if min(self.routed_share) < 1 else 1.0 for r in self.routed_share]
+        at = lambda c: replace(self, routed_share=[1.0 - min(1.0, c * s) for s in skipped])  # noqa: E731
+        budget = lambda plan: plan.kv_fraction() if flop_fraction is None else plan.flop_fraction(  # noqa: E731
+            config, context_length)
+        low, high = 0.0, 1.0 / min([s for s in skipped if s > 0], default=1.0)
+        if target < budget(at(high)) - 1e-12:
+            raise ValueError(f"{name}={target} is out of reach: this plan gives {budget(at(high)):.4f} with each of "
+                             f"its layers {list(self.routed_layers)} skipped whole; route more layers")
+        for _ in range(100):  # the budget falls monotonically as the factor grows
+            mid = (low + high) / 2
+            low, high = (mid, high) if budget(at(mid)) > target else (low, mid)
+        return at(high)
 
 
 def routing_field(default, help: str, *validators):
@@ -93,6 +188,8 @@ class MoDConfig(PreTrainedConfig):
         base_model_license (`dict`, *optional*): the licence fields of the base model's card, read by `convert` from a
             local base folder (the folder itself is not named in a published checkpoint).
         calibration (`dict`, *optional*): what threshold calibration and router fitting measured.
+        routing_plan (`dict`, *optional*): the per-layer plan a fit chose ([`RoutingPlan`]`.to_dict()`: routed
+            share and granularity per routed layer); it must name `routed_layers` and their `routing_granularity`.
 
     `router_aux_loss_coef` (the Mixtral name) reads and sets the coefficient of the current router kind's auxiliary
     loss (`load_loss_coef` or `topk_aux_loss_coef`). MoD models cannot return attention weights: a config takes
@@ -137,8 +234,7 @@ class MoDConfig(PreTrainedConfig):
     mlp_bias: bool = False
     qk_norm: bool = False
 
-    # Routing (ROUTING_FIELDS): each declaration is the single source of its flag, manifest key, results/card entry
-    # and documentation.
+    # Routing (ROUTING_FIELDS): each declaration is the one source of its flag, manifest key, results, card and docs.
     router_kind: Literal["threshold", "topk", "dense"] = routing_field(
         "threshold",
         "threshold: MoDification's causal threshold-p operator (a token runs a routed layer iff its gate "
@@ -155,6 +251,13 @@ class MoDConfig(PreTrainedConfig):
     )
     router_threshold: float | list[float] = routing_field(
         0.5, "the threshold p in (0, 1): one value, or one per routed layer", _check_threshold
+    )
+    routing_granularity: Literal["block", "attention"] | list[str] = routing_field(
+        "block",
+        "what a token that a router skips leaves out: block (the whole layer, attention and MLP: its hidden state "
+        "passes through unchanged) or attention (ours: the attention sub-layer only, so it writes no K/V, and it "
+        "still runs the MLP; the gate then scales the attention output alone); one value, or one per routed layer",
+        _check_granularity,
     )
     topk_capacity: float | int = routing_field(
         0.5, "fraction of each sequence's tokens that run a routed layer in topk mode, in (0, 1]", _check_capacity
@@ -202,6 +305,8 @@ class MoDConfig(PreTrainedConfig):
     base_model_name_or_path: str | None = None
     base_model_license: dict | None = None
     calibration: dict | None = None
+    # The fit's per-layer plan (`RoutingPlan.to_dict()`), validated against routed_layers and routing_granularity.
+    routing_plan: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -213,6 +318,41 @@ class MoDConfig(PreTrainedConfig):
         if self.routed_layers is None:
             self.routed_layers = list(range(1, self.num_hidden_layers, 2))
         super().__post_init__(**kwargs)
+
+    def routed_layer_value(self, name: str, layer_idx: int):
+        """Routed layer `layer_idx`'s value of a per-routed-layer field (`router_threshold`, `routing_granularity`,
+        `load_loss_target`): the one value, or its own entry of the list."""
+        value = getattr(self, name)
+        return value[self.routed_layers.index(layer_idx)] if isinstance(value, list) else value
+
+    def prefill_flops(self, context_length: int, plan: RoutingPlan | None = None) -> dict:
+        """FLOPs of a prefill of `context_length` (T) tokens of one sequence, per part: `attention_projections`,
+        `attention_scores` and `mlp` (one entry per layer), `lm_head`, and their `total`; dense, or as `plan` runs.
+
+        A multiply-add counts 2. With hidden size h, head size d, n_q query and n_kv key/value heads, MLP size m,
+        vocabulary V, per dense layer: q/k/v/o projections `2 T h d (2 n_q + 2 n_kv)`; attention scores and values
+        `2 n_q d T (T + 1)` (query t sees t keys: T (T + 1) / 2 pairs, 2d per head for q.k and for p.v); MLP
+        `6 T h m`; and once, the LM head on every token, `2 T h V`. A routed layer keeping a share r of the tokens
+        runs r of its projections and r^2 of its attention work (routed tokens spread evenly: r T queries each see
+        r of the earlier keys), and r of its MLP with "block" granularity, all of it with "attention". Norms, rotary,
+        softmax, activations, embeddings and routers (2h per token and routed layer) are left out.
+        """
+        if not _is_int(context_length) or context_length < 1:
+            raise ValueError(f"context_length must be an integer >= 1, got {context_length!r}")
+        plan = plan or RoutingPlan(self.num_hidden_layers, [], [], [])
+        if plan.num_layers != self.num_hidden_layers:
+            raise ValueError(f"routing_plan.num_layers is {plan.num_layers}, the model has {self.num_hidden_layers}")
+        T, h, d, n_q = context_length, self.hidden_size, self.head_dim, self.num_attention_heads
+        attention_only = {j for j, g in zip(plan.routed_layers, plan.granularity) if g == "attention"}
+        shares = plan.layer_shares()
+        flops = {
+            "attention_projections": [r * 2 * T * h * d * (2 * n_q + 2 * self.num_key_value_heads) for r in shares],
+            "attention_scores": [r * r * 2 * n_q * d * T * (T + 1) for r in shares],
+            "mlp": [(1.0 if j in attention_only else r) * 6 * T * h * self.intermediate_size
+                    for j, r in enumerate(shares)],
+        }
+        lm_head = 2.0 * T * h * self.vocab_size
+        return {**flops, "lm_head": lm_head, "total": sum(map(sum, flops.values())) + lm_head}
 
     @property
     def router_aux_loss_coef(self) -> float:
@@ -240,29 +380,25 @@ class MoDConfig(PreTrainedConfig):
 
     def validate_routing(self) -> None:
         """Part of `@strict` validation: every routing field, and the checks that need several fields."""
-        _check_routed_layers(self.routed_layers)
-        for idx in self.routed_layers:
-            if idx >= self.num_hidden_layers:
+        for name, f in self.__dataclass_fields__.items():  # each routing field's own validators first
+            for validator in f.metadata.get("validator", []) if f.metadata.get("routing") else []:
+                validator(getattr(self, name))
+        if self.routed_layers and self.routed_layers[-1] >= self.num_hidden_layers:
+            raise ValueError(f"routed_layers holds {self.routed_layers[-1]}, but layer indices must lie in [0, "
+                             f"{self.num_hidden_layers - 1}] (the model has num_hidden_layers={self.num_hidden_layers})")
+        for name in ("router_threshold", "routing_granularity", "load_loss_target"):  # one value per routed layer
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != len(self.routed_layers):
                 raise ValueError(
-                    f"routed_layers holds {idx}, but layer indices must lie in [0, {self.num_hidden_layers - 1}]"
-                    f" (the model has num_hidden_layers={self.num_hidden_layers})"
+                    f"{name} is a list of {len(value)} values but there are {len(self.routed_layers)} routed_layers; "
+                    "give one value per routed layer or a single value"
                 )
-        _check_threshold(self.router_threshold)
-        if isinstance(self.router_threshold, list) and len(self.router_threshold) != len(self.routed_layers):
-            raise ValueError(
-                f"router_threshold is a list of {len(self.router_threshold)} values but there are "
-                f"{len(self.routed_layers)} routed_layers; give one threshold per routed layer or a single float"
-            )
-        _check_capacity(self.topk_capacity)
-        _check_non_negative(self.load_loss_coef)
-        _check_non_negative(self.topk_aux_loss_coef)
-        _check_target(self.load_loss_target)
-        if isinstance(self.load_loss_target, list) and len(self.load_loss_target) != len(self.routed_layers):
-            raise ValueError(
-                f"load_loss_target is a list of {len(self.load_loss_target)} values but there are "
-                f"{len(self.routed_layers)} routed_layers; give one target per routed layer or a single float"
-            )
-        _check_sink_tokens(self.routing_sink_tokens)
+        if self.routing_plan is not None:
+            plan, ours = RoutingPlan.from_config(self), RoutingPlan.from_config(self, 1.0)
+            if (plan.num_layers, plan.routed_layers, plan.granularity) != (
+                    ours.num_layers, ours.routed_layers, ours.granularity):
+                raise ValueError(f"routing_plan {self.routing_plan} disagrees with num_hidden_layers, routed_layers or "
+                                 "routing_granularity; set them together: MoDConfig(..., **plan.config_fields())")
 
 
 # The routing fields, in declaration order: what `modification convert` sets and what results and cards report.
@@ -281,4 +417,4 @@ def _routing_fields_doc() -> str:
 
 MoDConfig.__doc__ += _routing_fields_doc()
 
-__all__ = ["MoDConfig", "ROUTING_FIELDS"]
+__all__ = ["MoDConfig", "ROUTING_FIELDS", "RoutingPlan"]

@@ -1,9 +1,10 @@
 """MoDification: Mixture-of-Depths decoders converted from Llama-family models.
 
-Each routed layer has a router that scores every token; a token either runs the whole layer (attention and MLP) or
-skips it, its hidden state passing through unchanged. Only routed tokens are computed: they are gathered into a packed
-`[tokens, hidden]` tensor, run through the layer with variable-length attention over the routed tokens of their own
-sequence, and scattered back. A skipped token writes no key/value in that layer, so `MoDCache` holds, per layer and
+Each routed layer has a router that scores every token; a token either runs the layer or skips what the layer's
+`routing_granularity` lets it skip: the whole layer (`"block"`: its hidden state passes through unchanged) or the
+attention sub-layer alone (`"attention"`: it still runs the MLP). Only routed tokens run attention: they are gathered
+into a packed `[tokens, hidden]` tensor, attend with variable-length attention over the routed tokens of their own
+sequence, and are scattered back. A skipped token writes no key/value in that layer, so `MoDCache` holds, per layer and
 per sequence, only the routed tokens: this is where the KV-memory saving comes from.
 
 This file is copied into every MoD checkpoint: it imports only torch, transformers and its sibling configuration file.
@@ -11,9 +12,8 @@ This file is copied into every MoD checkpoint: it imports only torch, transforme
 
 import math
 from collections.abc import Callable
-from itertools import accumulate
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -184,7 +184,10 @@ def resolve_attention_function(attn_implementation: str | None) -> Callable:
 
 def _offsets(lengths: list[int]) -> list[int]:
     """`[0, l0, l0 + l1, ...]`: where each sequence starts when packed, and the total at the end."""
-    return list(accumulate(lengths, initial=0))
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return offsets
 
 
 def _cumsum0(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -401,9 +404,12 @@ class MoDModelOutputWithPast(ModelOutput):
         aux_loss: the raw (unweighted) routing objective summed over routed layers: the layer-load objective
             `sum_j F_j * G_j` for `"threshold"` routing, the top-k BCE for `"topk"`; `None` when no layer routes.
             With `output_router_logits=True`.
-        routed_fraction: `[num_layers]`, the fraction of (non-padding) tokens that ran each layer in this call (1.0 for
-            unrouted layers); its mean is the executed fraction of token-layer work. With `output_router_logits=True`.
-        router_decisions: per layer, `[batch, seq]` bool: which tokens ran it. With `output_router_decisions=True`.
+        routed_fraction: `[num_layers]`, the fraction of (non-padding) tokens that ran each layer in this call (its
+            attention, with `"attention"` granularity; 1.0 for unrouted layers); its mean is the KV fraction (K/V
+            entries written over the dense model's), and `RoutingPlan.from_config(config, shares)` gives the FLOP
+            fraction. With `output_router_logits=True`.
+        router_decisions: per layer, `[batch, seq]` bool: which tokens ran it (its attention, with `"attention"`
+            granularity). With `output_router_decisions=True`.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -522,8 +528,9 @@ class PackedTokens:
     gate: torch.Tensor | None = None
 
     @classmethod
-    def pack(cls, decision: "RoutingDecision", hidden_states, position_embeddings, cache) -> "PackedTokens":
-        """The tokens that `decision` runs, of a `[batch, seq, hidden]` batch with its `(cos, sin)` and cache."""
+    def pack(cls, decision: "RoutingDecision", hidden_states, position_embeddings=None, cache=None) -> "PackedTokens":
+        """The tokens that `decision` runs, of a `[batch, seq, hidden]` batch with its `(cos, sin)` and cache (both
+        only for tokens that run attention)."""
         batch, seq = hidden_states.shape[:2]
         mask, device = decision.mask, hidden_states.device
         index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
@@ -533,7 +540,8 @@ class PackedTokens:
             rows = torch.arange(batch * seq, device=device) if index is None else index
             columns = cache.get_seq_length() + rows % seq
         tokens = cls(index=index, lengths=lengths, cu_seq_lens=_cumsum0(lengths, device), columns=columns)
-        tokens.cos, tokens.sin = (tokens.gather(t) for t in position_embeddings)
+        if position_embeddings is not None:
+            tokens.cos, tokens.sin = (tokens.gather(t) for t in position_embeddings)
         if decision.gate is not None:
             tokens.gate = tokens.gather(decision.gate).to(hidden_states.dtype).unsqueeze(-1)
         return tokens
@@ -630,14 +638,36 @@ class RoutingDecision(NamedTuple):
     loss: torch.Tensor | None = None
 
 
-class MoDRouter(nn.Module):
-    """Base of the routers: scores each token for one routed layer, `logit = w . rms_normalise(h) + b`.
+# The largest |logit| a threshold takes: p = sigmoid(+-30) lies strictly inside (0, 1) in float64 (sigmoid(37) rounds
+# to 1), and logits beyond it saturate every router this package fits.
+THRESHOLD_LOGIT_LIMIT = 30.0
 
-    The input is the layer's input hidden state, RMS-normalised without a learned scale (our choice: the paper does
+
+def threshold_to_logit(p: float) -> float:
+    """`log(p / (1 - p))`: a token runs a layer with threshold p iff its router logit is `>= threshold_to_logit(p)`."""
+    return math.log(p) - math.log1p(-p)
+
+
+def logit_to_threshold(logit: float) -> float:
+    """The threshold p whose logit is `logit` (the inverse of `threshold_to_logit`), clamped to
+    `[-THRESHOLD_LOGIT_LIMIT, THRESHOLD_LOGIT_LIMIT]` so that p stays a valid `router_threshold`."""
+    return 1.0 / (1.0 + math.exp(-min(max(logit, -THRESHOLD_LOGIT_LIMIT), THRESHOLD_LOGIT_LIMIT)))
+
+
+class MoDRouter(nn.Module):
+    """Base of the routers: scores each token for one routed layer, `logit = w . features(h) + b`.
+
+    The features are the layer's input hidden state, RMS-normalised without a learned scale (our choice: the paper does
     not say) so that the logit scale does not depend on the residual stream's magnitude. The router starts at `w = 0`
     and `b = config.router_init_bias`, and runs in float32 so that routing decisions do not depend on the dtype. Each
     router kind (`ThresholdRouter`, `TopKRouter`) decides from the scores which tokens run and what its share of the
-    routing objective is (`decide`); every kind adds the attention sinks and gates the tokens that run the same way.
+    routing objective is (`decide`); every kind adds the attention sinks (`sink_mask`) and gates the tokens that run
+    the same way.
+
+    `override` (not saved; a switch for measurements such as `modification fit`'s) replaces the decision: `"run"`,
+    every token runs the layer as in an unrouted layer; `"skip"`, every token but the sinks skips it (what it skips is
+    the layer's `routing_granularity`); `None` (the default), the router decides. Either way nothing is gated and
+    there is no objective.
     """
 
     def __init__(self, config: MoDConfig, layer_idx: int):
@@ -647,24 +677,51 @@ class MoDRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(1))
         self.eps = config.rms_norm_eps
+        self.override = None
+
+    @property
+    def override(self) -> Literal["run", "skip"] | None:
+        return self._override
+
+    @override.setter
+    def override(self, value: Literal["run", "skip"] | None) -> None:
+        if value not in (None, "run", "skip"):
+            raise ValueError(f"a router's override must be None, 'run' or 'skip', got {value!r}")
+        self._override = value
 
     @property
     def threshold(self) -> float:
         """This layer's threshold p (read from the config, so that calibration takes effect at once)."""
-        p = self.config.router_threshold
-        return p[self.config.routed_layers.index(self.layer_idx)] if isinstance(p, list) else p
+        return self.config.routed_layer_value("router_threshold", self.layer_idx)
+
+    @property
+    def threshold_logit(self) -> float:
+        """`threshold_to_logit(self.threshold)`: the logit a token needs to run the layer."""
+        return threshold_to_logit(self.threshold)
+
+    def features(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the router scores: `hidden_states` (`[..., hidden]`) in float32, RMS-normalised without a scale."""
+        x = hidden_states.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def score(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Router logits `[batch, seq]`, float32."""
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return F.linear(x, self.weight.float(), self.bias.float()).squeeze(-1)
+        return F.linear(self.features(hidden_states), self.weight.float(), self.bias.float()).squeeze(-1)
+
+    def sink_mask(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`[batch, seq]` bool: the attention sinks, the first `config.routing_sink_tokens` positions of each sequence,
+        which run every routed layer whatever their score (so no layer's K/V ever lacks them). Positions count from
+        each sequence's first real token, as generation passes them under left padding (`position_ids=None`: counted
+        from `valid`, the non-padding tokens, `valid.cumsum(-1) - 1`); padding (`valid` False) is never a sink."""
+        if position_ids is None:
+            position_ids = valid.long().cumsum(-1) - 1
+        sinks = position_ids < self.config.routing_sink_tokens
+        return sinks if valid is None else sinks & valid
 
     def causal_mask(self, logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """The causal rule `sigmoid(logit) >= p`: each token decides alone."""
-        p = self.threshold
-        # g >= p  <=>  logit >= log(p / (1 - p)): comparing logits stays exact where the float32 sigmoid saturates.
-        mask = logits >= math.log(p) - math.log1p(-p)
+        # Compared as logits: exact where the float32 sigmoid saturates.
+        mask = logits >= self.threshold_logit
         return mask if valid is None else mask & valid
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor:
@@ -683,12 +740,12 @@ class MoDRouter(nn.Module):
         self, hidden_states: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor | None, has_past: bool
     ) -> RoutingDecision:
         logits = self.score(hidden_states)
+        if self.override is not None:
+            mask = valid if self.override == "run" else self.sink_mask(position_ids, valid)
+            return RoutingDecision(logits=logits, mask=mask)
         mask, loss = self.decide(logits, valid, has_past)
         if self.config.routing_sink_tokens:
-            # Attention sinks: the first positions run every routed layer whatever their score (position ids count
-            # from each sequence's first real token, also under left padding), so no layer's K/V ever lacks them.
-            sinks = position_ids < self.config.routing_sink_tokens
-            mask = mask | (sinks if valid is None else sinks & valid)
+            mask = mask | self.sink_mask(position_ids, valid)
         return RoutingDecision(logits=logits, mask=mask, gate=self.gate(logits), loss=loss)
 
 
@@ -705,9 +762,7 @@ class ThresholdRouter(MoDRouter):
         else:
             n_valid, probs_sum = valid.sum().clamp(min=1), (probs * valid).sum()
         routed = (mask.sum() / n_valid).detach()
-        target = self.config.load_loss_target
-        if isinstance(target, list):
-            target = target[self.config.routed_layers.index(self.layer_idx)]
+        target = self.config.routed_layer_value("load_loss_target", self.layer_idx)
         if target is not None:
             routed = routed - target
         return mask, routed * probs_sum / n_valid
@@ -733,9 +788,9 @@ class TopKRouter(MoDRouter):
 
 class DenseRouter(MoDRouter):
     """`router_kind="dense"`: every token runs (the base model). The router still scores the tokens, so that its
-    logits can be looked at (`output_router_logits`) before routing is switched on, but decides nothing: no gate, no
-    objective, no sinks. Its weights are frozen: they get no gradient, and a trainable parameter that never gets one
-    breaks `DistributedDataParallel`."""
+    logits can be looked at (`output_router_logits`) before routing is switched on, but decides nothing (unless its
+    `override` is set): no gate, no objective, no sinks. Its weights are frozen: they get no gradient, and a trainable
+    parameter that never gets one breaks `DistributedDataParallel`."""
 
     def __init__(self, config: MoDConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -743,7 +798,10 @@ class DenseRouter(MoDRouter):
 
     def forward(self, hidden_states, position_ids, valid, has_past) -> RoutingDecision:
         # Detached: logits only looked at keep no autograd graph (and no float32 activations) alive in training.
-        return RoutingDecision(logits=self.score(hidden_states.detach()), mask=valid)
+        hidden_states = hidden_states.detach()
+        if self.override is not None:  # the measurement switch holds for every router kind
+            return super().forward(hidden_states, position_ids, valid, has_past)
+        return RoutingDecision(logits=self.score(hidden_states), mask=valid)
 
 
 ROUTER_CLASSES = {"threshold": ThresholdRouter, "topk": TopKRouter, "dense": DenseRouter}
@@ -752,9 +810,11 @@ ROUTER_CLASSES = {"threshold": ThresholdRouter, "topk": TopKRouter, "dense": Den
 class MoDDecoderLayer(GradientCheckpointingLayer):
     """A Llama decoder layer that computes only the tokens its router lets through.
 
-    A routed token `h` becomes `a = h + g * Attn(norm1(h))`, `h' = a + g * MLP(norm2(a))`; a skipped token keeps
-    `h' = h` and writes no K/V. Layers in `config.routed_layers` have a `router` (of the kind `config.router_kind`);
-    the others run every (non-padding) token with no gate. Returns the new hidden states and the `RoutingDecision`.
+    A routed token `h` becomes `a = h + g * Attn(norm1(h))`, `h' = a + g * MLP(norm2(a))`. A skipped token writes no
+    K/V and, with `routing_granularity="block"`, keeps `h' = h`; with `"attention"` it skips the attention sub-layer
+    only, `a = h`, `h' = a + MLP(norm2(a))`, and the gate scales routed tokens' attention output alone. Layers in
+    `config.routed_layers` have a `router` (of the kind `config.router_kind`); the others run every (non-padding)
+    token with no gate. Returns the new hidden states and the `RoutingDecision` (which tokens ran attention).
     """
 
     def __init__(self, config: MoDConfig, layer_idx: int):
@@ -767,6 +827,13 @@ class MoDDecoderLayer(GradientCheckpointingLayer):
         self.has_router = layer_idx in config.routed_layers
         if self.has_router:  # state-dict names `layers.{i}.router.weight` / `.bias`
             self.router = ROUTER_CLASSES[config.router_kind](config, layer_idx)
+
+    @property
+    def skips_attention_only(self) -> bool:
+        """Whether a token the router skips still runs the MLP (`routing_granularity="attention"`); read from the
+        config at every call, as thresholds are, so that a live model can switch."""
+        config = self.router.config if self.has_router else None
+        return config is not None and config.routed_layer_value("routing_granularity", self.layer_idx) == "attention"
 
     def forward(
         self,
@@ -782,17 +849,26 @@ class MoDDecoderLayer(GradientCheckpointingLayer):
             decision = self.router(hidden_states, position_ids, valid, has_past)
         else:
             decision = RoutingDecision(mask=valid)
+        # The routed tokens run attention; the MLP runs the same tokens ("block") or every valid token, ungated
+        # ("attention"): one path, the MLP's tokens packed apart only in the second case.
         tokens = PackedTokens.pack(decision, hidden_states, position_embeddings, cache)
-        if sum(tokens.lengths) == 0:  # every token skips: nothing to compute or cache
+        mlp_tokens = tokens
+        if self.skips_attention_only:
+            mlp_tokens = PackedTokens.pack(RoutingDecision(mask=valid), hidden_states)
+        if sum(mlp_tokens.lengths) == 0:  # every token skips: nothing to compute or cache
             return hidden_states, decision
 
-        residual = tokens.gather(hidden_states)
-        hidden = self.self_attn(self.input_layernorm(residual), tokens, cache)
-        hidden = residual + tokens.gated(hidden)
+        hidden = tokens.gather(hidden_states)
+        if sum(tokens.lengths):
+            residual = hidden
+            hidden = self.self_attn(self.input_layernorm(hidden), tokens, cache)
+            hidden = residual + tokens.gated(hidden)
+        if mlp_tokens is not tokens:  # the attended tokens go back in place, then every valid token is taken
+            hidden = mlp_tokens.gather(tokens.scatter(hidden_states, hidden))
         residual = hidden
         hidden = self.mlp(self.post_attention_layernorm(hidden))
-        hidden = residual + tokens.gated(hidden)
-        return tokens.scatter(hidden_states, hidden), decision
+        hidden = residual + mlp_tokens.gated(hidden)
+        return mlp_tokens.scatter(hidden_states, hidden), decision
 
 
 class MoDPreTrainedModel(PreTrainedModel):
@@ -1064,12 +1140,16 @@ class MoDForCausalLM(MoDPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "MOD_ATTENTION_FUNCTIONS",
+    "THRESHOLD_LOGIT_LIMIT",
     "MoDCache",
     "MoDConfig",
     "MoDForCausalLM",
     "MoDModel",
     "MoDPreTrainedModel",
+    "MoDRouter",
+    "logit_to_threshold",
     "sdpa_packed_attention_forward",
+    "threshold_to_logit",
     "torch_varlen_attention_forward",
 ]
 

@@ -66,7 +66,9 @@ def _rotate_half(x):
 @torch.no_grad()
 def reference_forward(model: MoDForCausalLM, input_ids, attention_mask=None, position_ids=None):
     """Slow reference: every layer runs every token over the full [batch, seq] grid with a mask that lets a query see
-    only earlier routed tokens, then skipped tokens are put back. Returns (logits, per-layer routed masks)."""
+    only earlier routed tokens, then skipped tokens are put back (a whole-block skip), or, in layers with "attention"
+    granularity, skipped tokens get no attention output and every valid token runs the MLP, ungated. Returns (logits,
+    per-layer routed masks)."""
     cfg = model.config
     inner = model.model
     batch, seq = input_ids.shape
@@ -81,6 +83,10 @@ def reference_forward(model: MoDForCausalLM, input_ids, attention_mask=None, pos
     for idx, layer in enumerate(inner.layers):
         gate = torch.ones(batch, seq)
         run = valid.clone()
+        granularity = cfg.routing_granularity
+        if isinstance(granularity, list) and idx in cfg.routed_layers:
+            granularity = granularity[cfg.routed_layers.index(idx)]
+        attention_only = idx in cfg.routed_layers and granularity == "attention"
         if cfg.router_kind != "dense" and idx in cfg.routed_layers:
             w, b = layer.router.weight.float(), layer.router.bias.float()
             x = h.float()
@@ -116,6 +122,11 @@ def reference_forward(model: MoDForCausalLM, input_ids, attention_mask=None, pos
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         o = (F.softmax(scores.float(), dim=-1).to(v.dtype) @ v).transpose(1, 2).reshape(batch, seq, -1)
         g = gate[..., None].to(h.dtype)
+        if attention_only:
+            a = h + torch.where(run[..., None], g * attn.o_proj(o), 0.0)
+            out = a + layer.mlp(layer.post_attention_layernorm(a))
+            h = torch.where(valid[..., None], out, h)
+            continue
         a = h + g * attn.o_proj(o)
         out = a + g * layer.mlp(layer.post_attention_layernorm(a))
         h = torch.where(run[..., None], out, h)

@@ -27,6 +27,7 @@ ROUTING_SAMPLES = {
     "router_kind": "topk",
     "routed_layers": [0, 2],
     "router_threshold": [0.3, 0.45],
+    "routing_granularity": ["attention", "block"],
     "topk_capacity": 0.7,
     "gate_mode": "scale",
     "router_init_bias": 1.5,
