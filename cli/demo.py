@@ -161,12 +161,11 @@ def demo_member(base: DemoBase, out: Path, kinds: list[str], changes: dict | Non
         spec.update(base=base.arg, base_model=None, license=base.license)
     quiet = {"progress": progress}
     bench_text = next(k for k in (*BENCH_TEXT_PREFERENCE, *kinds) if k in kinds)
-    spec = merge(spec, {
+    spec = merge(merge(spec, {
         "fit": {"out": _shown(out), "overwrite": overwrite, "data": [f"texts:{k}/train" for k in kinds], **quiet},
         "eval": {"data": [f"texts:{k}/held_out" for k in kinds], **quiet},
         "bench": {"data": [f"texts:{bench_text}/held_out"], "threads": threads, **quiet},
-        **(changes or {}),
-    })
+    }), changes or {})
     return plan_member(DEMO_MEMBER, spec, Path(_shown(out.with_name(out.name + "-work"))))
 
 
