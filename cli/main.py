@@ -16,12 +16,12 @@ from .options import add_settings_arguments, settings_from_args
 def build_parser(commands: Iterable[str | None] | None = None) -> argparse.ArgumentParser:
     """The parser of every command; only those in `commands` (default: all) get their arguments, so that
     `modification --help` lists the commands without importing what their flags are declared by."""
-    parser = argparse.ArgumentParser(prog="modification", description=__doc__)
+    parser = argparse.ArgumentParser(prog="modification", description=__doc__, allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging; errors with their traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"{__package__}.{module_name}")
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__, allow_abbrev=False,  # one name each
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(module=module)
         if commands is None or name in commands:

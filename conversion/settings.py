@@ -160,8 +160,6 @@ class StepSettings:
         types_of = field_types(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get("required") and (value is None or value == [] or value == ""):
-                raise SettingsError(self.step, "is required", f.name)
             try:
                 value = coerce(value, types_of[f.name], many=bool(f.metadata.get("nargs") or f.metadata.get("action")))
             except ValueError as err:
@@ -170,6 +168,9 @@ class StepSettings:
             if choices and value not in choices:
                 raise SettingsError(self.step, f"must be one of {', '.join(choices)}, got {value!r}", f.name)
             setattr(self, f.name, value)
+        for f in fields(self):
+            if f.metadata.get("required") and getattr(self, f.name) in (None, [], ""):
+                raise SettingsError(self.step, "is required", f.name)
 
     def check(self, ok: bool, problem: str) -> None:
         """A range check of `__post_init__`: `problem` names the field."""
