@@ -10,7 +10,8 @@ import typing
 from dataclasses import fields
 from typing import Any, Literal
 
-from modification.conversion.settings import data_fields, field_default, field_types, flag, type_members
+from modification.conversion.settings import data_fields
+from modification.conversion.steps import field_default, field_types, flag, type_members
 
 
 def _default_text(default: Any) -> str:

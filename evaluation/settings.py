@@ -1,14 +1,13 @@
 """What `eval`, `bench` and `show-routing` run with, declared and checked as `conversion/settings.py` declares the
-conversion steps: their flags, `--config` files and manifest sections are these fields."""
+conversion steps (see `conversion/steps.py`): their flags, `--config` files and manifest sections are these fields."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from modification.conversion.settings import (
-    DataSettings, Dtype, StepSettings, model_setting, out_setting, progress_setting, setting,
-)
+from modification.conversion.settings import DataSettings, Dtype, model_setting, out_setting, progress_setting
+from modification.conversion.steps import StepSettings, setting
 
 
 def device_setting() -> Any:

@@ -1,12 +1,13 @@
-"""What `card` and `push` run with, declared and checked as `conversion/settings.py` declares the conversion steps.
-`push` renders the card when the checkpoint has none, so both take the card's inputs (`base_model`, `license`)."""
+"""What `card` and `push` run with, declared and checked as `conversion/settings.py` declares the conversion steps
+(see `conversion/steps.py`). `push` renders the card when the checkpoint has none, so both take the card's inputs
+(`base_model`, `license`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from modification.conversion.settings import StepSettings, setting
+from modification.conversion.steps import StepSettings, setting
 
 
 def checkpoint_setting() -> Any:

@@ -23,9 +23,8 @@ from typing import Any
 import yaml
 
 from modification.conversion.checkpoint import is_hub_id
-from modification.conversion.settings import (
-    CalibrateSettings, ConvertSettings, FitSettings, StepSettings, TrainSettings,
-)
+from modification.conversion.settings import CalibrateSettings, ConvertSettings, FitSettings, TrainSettings
+from modification.conversion.steps import StepSettings
 from modification.evaluation.settings import BenchSettings, EvalSettings
 from modification.model_cards.settings import CardSettings, PushSettings
 

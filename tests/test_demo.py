@@ -5,7 +5,6 @@ a note, and the whole demo runs end to end on a tiny base."""
 import json
 import shlex
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import torch

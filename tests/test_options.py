@@ -18,7 +18,8 @@ from modification.cli.main import build_parser
 from modification.cli.main import main as cli
 from modification.cli.options import settings_from_args
 from modification.conversion.results import routing_section
-from modification.conversion.settings import SettingsError, TrainSettings, flag
+from modification.conversion.settings import TrainSettings
+from modification.conversion.steps import SettingsError, flag
 from modification.evaluation.settings import RoutingMapSettings
 from modification.model_cards.card import _routing_rows, _training_rows, fmt, render_card
 from modification.modeling.configuration_mod import ROUTING_FIELDS, MoDConfig
