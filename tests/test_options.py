@@ -8,6 +8,8 @@ import importlib
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,6 +266,15 @@ def test_one_name_per_option(command, old, capsys):
 def test_a_missing_required_setting_names_it(capsys):
     assert cli(["calibrate", "--model", "m", "--data", "d"]) == 2
     assert "modification calibrate: error: calibrate.executed_fraction: is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["demo", "--help"]])
+def test_help_imports_no_torch(argv):
+    """Command modules import what is heavy inside `run`; the parser is built only for the command asked for."""
+    code = ("import sys\nfrom modification.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert result.stdout.rstrip().endswith("torch imported: False"), result.stdout[-500:] + result.stderr[-2000:]
 
 
 def test_readme_lists_every_routing_flag():
