@@ -9,11 +9,15 @@ import argparse
 HELP = "convert, fit, train, calibrate, eval, bench, card and push members of the release manifest"
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", default=None, help="release manifest (default: push_scripts/releases.yaml)")
-    p.add_argument("--members", type=lambda text: text.split(","), default=None, help="comma-separated member names")
+    p.add_argument("--members", type=_names, default=None, help="comma-separated member names")
     p.add_argument("--all", action="store_true", help="every member of the manifest")
-    p.add_argument("--steps", type=lambda text: text.split(","), default=None,
+    p.add_argument("--steps", type=_names, default=None,
                    help="comma-separated subset of convert,fit,train,calibrate,eval,bench,card,push")
     p.add_argument("--work-dir", default=None, help="where member folders go (default: the manifest's work_dir)")
     p.add_argument("--dry-run", action="store_true", help="print every command and the files to upload; run nothing")

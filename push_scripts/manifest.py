@@ -186,8 +186,8 @@ def plan_member(name: str, spec: dict, folder: Path) -> Member:
         }.get(step, {"model": checkpoint})
         if step in CHECKPOINT_FOLDERS:
             chained["out"] = str(folder / CHECKPOINT_FOLDERS[step])
-        if step == "calibrate" and "train" in member_steps(member):
-            chained["seq_len"] = member_steps(member)["train"].seq_len  # as long as the training sequences
+        if step == "calibrate" and member.steps[-1].name == "train":
+            chained["seq_len"] = member.steps[-1].settings.seq_len  # as long as the training sequences
         if "data" in section:
             section = {**section, "data": _data(section["data"], f"{where}.{step}.data", member)}
         settings = cls.from_dict({**chained, **section}, where=f"{where}.{step}")
@@ -195,11 +195,6 @@ def plan_member(name: str, spec: dict, folder: Path) -> Member:
         if step in CHECKPOINT_FOLDERS:
             checkpoint = settings.out or checkpoint  # calibrate without `out` updates the folder in place
     return member
-
-
-def member_steps(member: Member) -> dict[str, StepSettings]:
-    """A member's planned settings by step name."""
-    return {step.name: step.settings for step in member.steps}
 
 
 def plan_release(manifest: dict, names: list[str] | None, work_dir: str | None = None) -> list[Member]:
