@@ -1,4 +1,4 @@
-"""`python -m modification.cli ...` runs the `modification` command (the release and the demo run their steps so)."""
+"""`python -m modification.cli ...` runs the `modification` command (the release and the demo run each step so)."""
 
 import sys
 

@@ -3,30 +3,17 @@
 
 from __future__ import annotations
 
-import argparse
-
-from .options import add_model_argument, add_out_argument, add_overwrite_argument, add_settings_arguments, \
-    settings_from_args
+from modification.conversion.settings import CalibrateSettings
 
 
-def register(sub) -> None:
-    from modification.conversion.settings import CalibrateSettings
-
-    p = sub.add_parser("calibrate", help="set thresholds so executed compute hits a target fraction",
-                       description=__doc__)
-    add_model_argument(p)
-    add_settings_arguments(p, CalibrateSettings, "calibration")
-    add_out_argument(p, required=False, help="output folder (default: update --model in place)")
-    add_overwrite_argument(p)
-    p.set_defaults(func=run)
+HELP = "set thresholds so executed compute hits a target fraction"
+SETTINGS = CalibrateSettings
 
 
-def run(args: argparse.Namespace) -> None:
+def run(settings: CalibrateSettings) -> None:
     from modification.conversion.calibrate import calibrate_checkpoint
-    from modification.conversion.settings import CalibrateSettings
 
-    record = calibrate_checkpoint(args.model, settings_from_args(CalibrateSettings, args), out=args.out,
-                                  overwrite=args.overwrite)
+    record = calibrate_checkpoint(settings)
     held = record.get("held_out_executed_fraction")
     print(f"target executed fraction {record['target_executed_fraction']:.3f}: calibration text "
           f"{record['measured_executed_fraction']:.3f}" + (f", held-out text {held:.3f}" if held is not None else ""))

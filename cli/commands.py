@@ -1,6 +1,6 @@
-"""The `modification` commands and the module of `modification.cli` that defines each (`register(sub)` adds its
-parser, whose `func` runs it). Data only, so that what runs commands (release, demo) can list them without importing
-the command line."""
+"""The `modification` commands: the module of `modification.cli` that defines each. A step's module names its
+settings dataclass (`SETTINGS`) and has `run(settings)`; the others (`demo`, `fetch-*`, `release`) have
+`add_arguments(parser)` and `run(args)`. Every module has its `HELP` line and imports nothing heavy until `run`."""
 
 COMMANDS = {
     "convert": "convert",
@@ -11,8 +11,8 @@ COMMANDS = {
     "bench": "bench",
     "show-routing": "show_routing",
     "demo": "demo",
-    "fetch-base": "fetch",
-    "fetch-corpus": "fetch",
+    "fetch-base": "fetch_base",
+    "fetch-corpus": "fetch_corpus",
     "card": "card",
     "push": "push",
     "release": "release",

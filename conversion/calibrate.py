@@ -188,16 +188,10 @@ def planned_fractions(config, target: float) -> dict[int, float] | None:
     return {j: 1.0 - s * scale for j, s in skip.items()}
 
 
-def calibrate_checkpoint(
-    model_path: str,
-    settings: CalibrateSettings,
-    out: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Calibrate a checkpoint's thresholds to `settings.executed_fraction` on `settings.data`; write it to `out`
-    (default: replace the input folder). A share of the blocks is held out and the fraction measured there is
-    recorded too."""
+def calibrate_checkpoint(settings: CalibrateSettings) -> dict:
+    """Calibrate the thresholds of the checkpoint `settings.model` to `settings.executed_fraction` on
+    `settings.data`; write it to `settings.out` (default: replace the input folder). A share of the blocks is held
+    out and the fraction measured there is recorded too."""
     from transformers import AutoTokenizer
 
     from .atomic import atomic_output_dir
@@ -205,16 +199,15 @@ def calibrate_checkpoint(
     from .data import load_blocks, split_blocks
     from .results import RESULTS_FILENAME, update_results
 
-    folder = resolve_checkpoint(model_path)
+    folder = resolve_checkpoint(settings.model)
     config = read_mod_config(folder)
-    if out is None and not Path(model_path).is_dir():
+    out, progress = settings.out, settings.progress
+    if out is None and not Path(settings.model).is_dir():
         raise ValueError("calibrating a Hub checkpoint needs --out (the Hub cache is read-only)")
     dest = Path(out) if out is not None else folder
-    if out is not None and dest.exists() and not overwrite:
+    if out is not None and dest.exists() and not settings.overwrite:
         raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
     seq_len, target, per_layer = settings.seq_len, settings.executed_fraction, not settings.global_threshold
-    if not settings.data:
-        raise ValueError("calibrate needs calibration text (--data)")
     if seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from modification.modeling.configuration_mod import ROUTING_FIELDS, SUPPORTED_BA
 from .bases import base_hub_id, base_path
 from .atomic import atomic_output_dir
 from .checkpoint import LICENSE_FILES, TOKENIZER_FILES, card_license, save_checkpoint
+from .settings import ConvertSettings
 
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ _COMMON_FIELDS = (
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
 )
-
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -90,17 +89,8 @@ def convert_model(base_model: torch.nn.Module, **routing: Any) -> MoDForCausalLM
     return model.eval()
 
 
-def convert_checkpoint(
-    base: str,
-    out: str | os.PathLike,
-    *,
-    dtype: str = "auto",
-    revision: str | None = None,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    **routing: Any,
-) -> Path:
-    """Convert a base checkpoint (folder or Hub id) into a MoD checkpoint folder at `out`.
+def convert_checkpoint(settings: ConvertSettings) -> Path:
+    """Convert the base checkpoint `settings.base` (folder or Hub id) into a MoD checkpoint folder `settings.out`.
 
     The architecture is checked from the config before any weight is read; the output is written to a temporary
     folder and renamed into place, so a failure never leaves a half-written `out`. `base` may also name a base
@@ -113,17 +103,17 @@ def convert_checkpoint(
     licence of a local base (its README.md metadata) is read here, while the folder is at hand, and kept in the
     config as `base_model_license` for the model card.
     """
-    name = base
-    base = base_path(base)  # a fetched known base -> its cached folder; folders and Hub ids unchanged
-    base_config = AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=trust_remote_code)
+    name, revision, routing, overwrite = settings.base, settings.revision, settings.routing, settings.overwrite
+    base = base_path(name)  # a fetched known base -> its cached folder; folders and Hub ids unchanged
+    base_config = AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=settings.trust_remote_code)
     _check_supported(getattr(base_config, "model_type", None), base)
     mod_config_from_base(base_config, **routing)  # validate routing arguments before loading weights
-    out = Path(out)
+    out = Path(settings.out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    dtype = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)
     base_model = AutoModelForCausalLM.from_pretrained(
-        base, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        base, revision=revision, dtype=dtype, trust_remote_code=settings.trust_remote_code
     )
     model = convert_model(base_model, **routing)
     model.config.base_model_name_or_path = base_hub_id(base) or name  # the Hub id, not a local cache path

@@ -465,19 +465,13 @@ def calibration_batches(
 
 
 def fit_settings_record(settings: FitSettings) -> dict:
-    """The settings as the fit record stores them: the data sources are recorded apart, by name."""
-    return {k: v for k, v in asdict(settings).items() if k not in data_fields()}
+    """The settings as the fit record stores them: what the fit does (the data sources are recorded apart, by name)."""
+    return {k: v for k, v in settings.recorded().items() if k not in data_fields()}
 
 
-def fit_checkpoint(
-    model_path: str,
-    out: str | Path,
-    settings: FitSettings,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Fit a MoD checkpoint's routers to `settings.executed_fraction` on `settings.data` and write the routed
-    checkpoint to `out`.
+def fit_checkpoint(settings: FitSettings) -> dict:
+    """Fit the routers of the MoD checkpoint `settings.model` to `settings.executed_fraction` on `settings.data` and
+    write the routed checkpoint to `settings.out`.
 
     Returns the calibration record (with the fit record under `"fit"`, and the executed fraction measured on the
     held-out blocks)."""
@@ -488,13 +482,11 @@ def fit_checkpoint(
     from .checkpoint import load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
     from .results import RESULTS_FILENAME, update_results
 
-    folder = resolve_checkpoint(model_path)
+    folder = resolve_checkpoint(settings.model)
     config = read_mod_config(folder)  # a clear error for a non-MoD folder before anything is read
-    out = Path(out)
-    if out.exists() and not overwrite:
+    out, progress = Path(settings.out), settings.progress
+    if out.exists() and not settings.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if not settings.data:
-        raise ValueError("fit needs calibration text (--data)")
     if settings.seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len={settings.seq_len} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
@@ -512,7 +504,7 @@ def fit_checkpoint(
         calibration["held_out_tokens"] = int(sum(b["input_ids"].numel() for b in held))
     calibration["data"] = data_names(settings.data)
     model.config.calibration = calibration
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=settings.overwrite) as tmp:
         save_checkpoint(model, tmp, companions_from=folder)
         update_results(tmp / RESULTS_FILENAME, model.config, str(out), extra={"fit": asdict(record)})
     return calibration

@@ -1,51 +1,38 @@
-"""What `fit`, `train` and `calibrate` run with: one dataclass per step, each field declared once with its help.
-
-These declarations are the single source of each option: the command-line flags are derived from them
-(`modification.cli.options.add_settings_arguments`: field `learning_rate` is `--learning-rate`, its help and default
-come from here), so are the release manifest's section keys (`push_scripts/release.py`), and the `training` section
-of results.json and the model card print the fields by name. The routing fields are declared the same way on
-`MoDConfig` (`modification.modeling.configuration_mod.ROUTING_FIELDS`).
-
-Field metadata: `help` (required), `choices`, `required` (the command needs it although the dataclass has a default),
-`nargs="+"` (a flag that takes several values: `--data a.txt b.txt`), `action="append"` (a repeatable flag).
-Other list fields are written as comma-separated values on the command line.
+"""What `convert`, `fit`, `train` and `calibrate` run with: one dataclass per step, each field declared once with its
+help and checked when the settings are built (see `steps.py` for how: flags, `--config` files and manifest sections
+are these fields), and the fields several steps declare alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal
+
+from .steps import SettingsError, StepSettings, coerce, setting
 
 
-def setting(default: Any, help: str, **metadata: Any) -> Any:
-    """A settings field: `default` (lists are copied per instance) and the help text every surface shows."""
-    metadata = {"help": help, **metadata}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def field_default(f) -> Any:
-    """The default of a dataclass field (calling its factory)."""
-    return f.default_factory() if f.default_factory is not MISSING else f.default
+# --------------------------------------------------------------------------------------------------------------------
+# Fields several steps declare alike
+# --------------------------------------------------------------------------------------------------------------------
 
 
-def settings_fields(cls) -> list:
-    """The fields of a settings dataclass that are options (every field with a `help`)."""
-    return [f for f in fields(cls) if "help" in f.metadata]
+def model_setting() -> Any:
+    return setting(None, "MoD checkpoint: folder or Hub id", required=True, recorded=False)
 
 
-# The training recipes and what each trains; `train --recipe`, the release manifest and the card read this.
-RECIPES = {
-    "routers": "only the routers were trained; every base weight is unchanged",
-    "lora": "routers plus LoRA adapters (merged into the weights)",
-    "full": "all weights were trained",
-}
+def out_setting(help: str = "output folder (written atomically)", required: bool = True) -> Any:
+    return setting(None, help, required=required, recorded=False)
 
-# Learning rates per recipe when `learning_rate` is not given. Measured on SmolLM2-135M-Instruct (README, "Training
-# defaults"): LoRA at 2e-4 with routers at 1e-2 and a load-loss coefficient of 1.0 wrecked the model (LM loss 6.6-7.4)
-# in two steps. From fitted routers, routers only need to follow the LoRA-adapted layers slowly.
-DEFAULT_LEARNING_RATE = {"routers": 1e-4, "lora": 1e-4, "full": 3e-5}
+
+def overwrite_setting(help: str = "replace an existing output folder") -> Any:
+    return setting(False, help, recorded=False)
+
+
+def progress_setting() -> Any:
+    return setting(True, "progress bars", recorded=False)
 
 
 def data_setting(required: bool) -> Any:
@@ -55,22 +42,69 @@ def data_setting(required: bool) -> Any:
 
 
 @dataclass
-class DataSettings:
-    """The text a step reads (see `conversion/data.py` for what a source can be)."""
+class DataSettings(StepSettings):
+    """What a step reads: a MoD checkpoint and text (see `conversion/data.py` for what a text source can be)."""
 
+    model: str | None = model_setting()
     data: list[str] = data_setting(required=False)
     text_field: str = setting("text", "field holding the text in jsonl/json/datasets records")
     split: str = setting("train", "split of a datasets source")
     data_config: str | None = setting(None, "config of a datasets source (e.g. wikitext-2-raw-v1)")
 
 
+def data_fields() -> tuple[str, ...]:
+    """The text fields (`data` and how it is read), which records name apart (`local_paths.data_names`)."""
+    return tuple(f.name for f in fields(DataSettings) if f.name != "model")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The steps of conversion
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConvertSettings(StepSettings):
+    """What `modification convert` does (see `conversion/convert.py`)."""
+
+    step: ClassVar[str] = "convert"
+
+    base: str | None = setting(None, "base model: Hub id, folder, or a name fetched with `modification fetch-base`",
+                               required=True)
+    out: str | None = out_setting()
+    dtype: Dtype = setting("auto", "dtype the weights are loaded and saved in (auto: the base's)")
+    revision: str | None = setting(None, "Hub revision of the base")
+    overwrite: bool = overwrite_setting()
+    trust_remote_code: bool = setting(False, "allow custom code in the base checkpoint")
+    routing: dict = setting({}, "MoDConfig's routing fields (ROUTING_FIELDS; one flag each, `convert --help`); "
+                                "the others keep the config's defaults")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from modification.modeling.configuration_mod import ROUTING_FIELDS, MoDConfig
+
+        unknown = sorted(map(str, set(self.routing) - set(ROUTING_FIELDS)))
+        if unknown:
+            raise SettingsError(self.step, f"unknown key(s) {', '.join(unknown)}; the routing fields are "
+                                           f"{', '.join(ROUTING_FIELDS)}", "routing")
+        for name, value in self.routing.items():
+            try:
+                self.routing[name] = coerce(value, MoDConfig.__dataclass_fields__[name].type)
+            except ValueError as err:
+                raise SettingsError(self.step, str(err), f"routing.{name}") from None
+
+
 @dataclass
 class FitSettings(DataSettings):
     """How `modification fit` sets routers from measurement, no training (see `conversion/fit.py`)."""
 
+    step: ClassVar[str] = "fit"
+
     data: list[str] = data_setting(required=True)
-    executed_fraction: float = setting(0.8, "executed fraction of token-layer work to reach (1.0 = dense)",
-                                       required=True)
+    out: str | None = out_setting()
+    overwrite: bool = overwrite_setting()
+    progress: bool = progress_setting()
+    executed_fraction: float | None = setting(None, "executed fraction of token-layer work to reach (1.0 = dense)",
+                                              required=True)
     routed_layers: Literal["auto"] | list[int] = setting(
         "auto", "auto: choose the layers from measured costs; or comma-separated layer indices (the budget is still "
                 "spread by cost)")
@@ -86,12 +120,45 @@ class FitSettings(DataSettings):
     blocks_per_source: int = setting(4, "blocks of seq_len tokens read from each data source")
     held_out_fraction: float = setting(0.25, "share of the blocks held out to check the executed fraction on")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(0.0 < self.executed_fraction <= 1.0,
+                   f"executed_fraction must lie in (0, 1], got {self.executed_fraction}")
+        self.check(0.0 < self.max_skip <= 1.0, f"max_skip must lie in (0, 1], got {self.max_skip}")
+        self.check(0.0 <= self.held_out_fraction < 1.0,
+                   f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
+        for name in ("routing_sink_tokens", "label_samples", "seq_len", "blocks_per_source"):
+            self.check(getattr(self, name) >= (0 if name == "routing_sink_tokens" else 1),
+                       f"{name} must be {'non-negative' if name == 'routing_sink_tokens' else 'at least 1'}, got "
+                       f"{getattr(self, name)}")
+
+
+# The training recipes and what each trains; `train --recipe`, the release manifest and the card read this.
+RECIPES = {
+    "routers": "only the routers were trained; every base weight is unchanged",
+    "lora": "routers plus LoRA adapters (merged into the weights)",
+    "full": "all weights were trained",
+}
+
+# Learning rates per recipe when `learning_rate` is not given. Measured on SmolLM2-135M-Instruct (README, "Training
+# defaults"): LoRA at 2e-4 with routers at 1e-2 and a load-loss coefficient of 1.0 wrecked the model (LM loss 6.6-7.4)
+# in two steps. From fitted routers, routers only need to follow the LoRA-adapted layers slowly.
+DEFAULT_LEARNING_RATE = {"routers": 1e-4, "lora": 1e-4, "full": 3e-5}
+
 
 @dataclass
 class TrainSettings(DataSettings):
     """What `modification train` does (see `conversion/train.py`)."""
 
+    step: ClassVar[str] = "train"
+
     data: list[str] = data_setting(required=True)
+    out: str | None = out_setting("output folder for the trained, standalone checkpoint")
+    checkpoint_dir: str | None = setting(None, "where checkpoints go (default: <out>-checkpoints)", recorded=False)
+    resume: bool = setting(False, "continue from the last checkpoint in checkpoint_dir", recorded=False)
+    save_adapter: bool = setting(False, "also write the LoRA adapter to <out>/adapter", recorded=False)
+    overwrite: bool = overwrite_setting()
+    progress: bool = progress_setting()
     recipe: str = setting("lora", "routers: routers only; lora: routers + LoRA on attention/MLP, merged at the end; "
                                   "full: every weight (the paper's recipe)", choices=tuple(RECIPES))
     steps: int = setting(200, "optimizer steps")
@@ -120,29 +187,35 @@ class TrainSettings(DataSettings):
     data_weights: list[float] | None = setting(None, "mixing weights, one per data source")
     max_tokens_per_source: int | None = setting(None, "read at most this many tokens per source")
 
-    def validate(self) -> None:
-        from .data import DataError
-
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+    def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.data:
-            raise DataError("no training data given (--data)")
+            self.check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        self.check(self.executed_fraction is None or 0.0 < self.executed_fraction <= 1.0,
+                   f"executed_fraction must lie in (0, 1], got {self.executed_fraction}")
+        self.check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
 
 
 @dataclass
 class CalibrateSettings(DataSettings):
     """How `modification calibrate` sets thresholds to a compute budget (see `conversion/calibrate.py`)."""
 
+    step: ClassVar[str] = "calibrate"
+
     data: list[str] = data_setting(required=True)
-    executed_fraction: float = setting(0.75, "executed fraction of token-layer work to reach", required=True)
+    out: str | None = out_setting("output folder (default: update the model folder in place)", required=False)
+    overwrite: bool = overwrite_setting()
+    progress: bool = progress_setting()
+    executed_fraction: float | None = setting(None, "executed fraction of token-layer work to reach", required=True)
     seq_len: int = setting(512, "tokens per calibration block")
     max_blocks: int = setting(16, "calibration blocks of seq_len tokens")
     held_out_fraction: float = setting(0.25, "share of blocks to check the result on")
     global_threshold: bool = setting(False, "one threshold for all layers (default: one per layer)")
 
-
-def data_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(DataSettings))
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(0.0 < self.executed_fraction <= 1.0,
+                   f"executed_fraction must lie in (0, 1], got {self.executed_fraction}")
+        self.check(self.seq_len >= 2 and self.max_blocks >= 1, "seq_len must be at least 2 and max_blocks at least 1")
+        self.check(0.0 <= self.held_out_fraction < 1.0,
+                   f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")

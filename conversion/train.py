@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -120,33 +119,24 @@ def default_checkpoint_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + "-checkpoints")
 
 
-def train(
-    model_path: str,
-    out: str | os.PathLike,
-    settings: TrainSettings,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    save_adapter: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Train a MoD checkpoint's routers (and LoRA or all weights) and write a standalone checkpoint to `out`.
+def train(settings: TrainSettings) -> Path:
+    """Train the routers (and LoRA or all weights) of the MoD checkpoint `settings.model` and write a standalone
+    checkpoint to `settings.out`.
 
-    Checkpoints go to `checkpoint_dir` every `save_steps`; `resume=True` continues from the last one there. With the
-    `lora` recipe the adapter is merged into the output; `save_adapter=True` also writes it to `out/adapter`
-    (loadable with `PeftModel.from_pretrained` on the input checkpoint).
+    Checkpoints go to `settings.checkpoint_dir` every `save_steps`; `resume` continues from the last one there. With
+    the `lora` recipe the adapter is merged into the output; `save_adapter` also writes it to `out/adapter` (loadable
+    with `PeftModel.from_pretrained` on the input checkpoint).
     """
-    settings.validate()
-    out = Path(out)
-    if out.exists() and not overwrite:
+    out, resume, progress = Path(settings.out), settings.resume, settings.progress
+    if out.exists() and not settings.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    folder = resolve_checkpoint(model_path)
+    folder = resolve_checkpoint(settings.model)
     config = read_mod_config(folder)  # a clear error for a non-MoD folder, before anything else
     if settings.seq_len > config.max_position_embeddings:
         raise ValueError(
             f"seq_len={settings.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
         )
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
+    checkpoint_dir = Path(settings.checkpoint_dir or default_checkpoint_dir(out))
     last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     if resume and last is None:
         raise FileNotFoundError(f"--resume: no checkpoint-* folder in {checkpoint_dir} to resume from")
@@ -224,16 +214,16 @@ def train(
 
     if trainer.is_world_process_zero():
         final = trainable
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out, overwrite=settings.overwrite) as tmp:
             if settings.recipe == "lora":
-                if save_adapter:
+                if settings.save_adapter:
                     trainable.save_pretrained(tmp / "adapter")
                 final = trainable.merge_and_unload()
             # thresholds measured before training no longer hold; the fit's per-layer plan does (calibrate reuses it)
             fit = (final.config.calibration or {}).get("fit")
             final.config.calibration = {"fit": fit, "stale": True} if fit else None
             save_checkpoint(final, tmp, companions_from=folder)
-            record = training_record(settings, model_path, trainer, result)
+            record = training_record(settings, trainer, result)
             if resume:
                 start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
                 record.update(resumed_from=str(last), steps_this_run=result.global_step - start)
@@ -243,14 +233,14 @@ def train(
     return out
 
 
-def training_record(settings: TrainSettings, model_path: str, trainer: Trainer, result) -> dict:
-    """The `training` section of results.json."""
+def training_record(settings: TrainSettings, trainer: Trainer, result) -> dict:
+    """The `training` section of results.json: what the training did (not where it wrote)."""
     args = trainer.args
     tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
         args.world_size * settings.seq_len
-    record = {**asdict(settings), "data": data_names(settings.data)}
+    record = {**settings.recorded(), "data": data_names(settings.data)}
     record.update(
-        initial_checkpoint=model_path,
+        initial_checkpoint=settings.model,
         learning_rate=args.learning_rate,
         sequence_length=settings.seq_len,
         tokens=tokens,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -334,21 +333,11 @@ def decode_rows(bench: dict) -> list[dict]:
     } for row in bench["decode"]]
 
 
-def benchmark_checkpoint(
-    model: str,
-    settings: BenchSettings,
-    *,
-    base: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    out: str | os.PathLike | None = None,
-    command: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Benchmark the MoD checkpoint `model` against its base (`base`, default: the checkpoint's own when local); write
-    bench.json and bench.png to `out` (default: the checkpoint folder when local, else `./<org--name>`) and merge the
-    ratios into its results JSON (unless `settings.executed_fraction` recalibrated the thresholds for the run).
-    Returns the bench record (what bench.json holds)."""
+def benchmark_checkpoint(settings: BenchSettings) -> dict:
+    """Benchmark the MoD checkpoint `settings.model` against its base (`settings.base`, default: the checkpoint's own
+    when local); write bench.json and bench.png to `settings.out` (default: the checkpoint folder when local, else
+    `./<org--name>`) and merge the ratios into its results JSON (unless `settings.executed_fraction` recalibrated the
+    thresholds for the run). Returns the bench record (what bench.json holds)."""
     from modification.conversion.data import load_texts
     from modification.conversion.results import RESULTS_FILENAME, update_results
 
@@ -356,16 +345,16 @@ def benchmark_checkpoint(
     from .plots import plot_bench
     from .quality import data_label, tokenize_texts
 
-    settings.validate()
+    model, command, progress = settings.model, settings.command_line(), settings.progress
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # recorded in the hardware section as torch_threads
     texts = None
     if settings.data:
         texts = [t for source in settings.data
                  for t in load_texts(source, settings.text_field, settings.split, settings.data_config)]
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
-    mod, folder, base_model, base_name = load_models(model, base, torch_device, torch_dtype)
+    torch_device = pick_device(settings.device)
+    torch_dtype = pick_dtype(settings.dtype, torch_device)
+    mod, folder, base_model, base_name = load_models(model, settings.base, torch_device, torch_dtype)
     if base_model is None:
         raise ValueError("bench compares against the base model: give --base (a folder or a cached Hub id)")
     prompt_ids = None
@@ -380,7 +369,7 @@ def benchmark_checkpoint(
         decode_prompt_len=settings.decode_prompt_length, seed=settings.seed, progress=progress,
         executed_fraction=settings.executed_fraction, prompt_ids=prompt_ids,
     )
-    out_dir = Path(out) if out else default_output_dir(model)
+    out_dir = Path(settings.out) if settings.out else default_output_dir(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "command": command, "model": model, "base": base_name,

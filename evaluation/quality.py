@@ -190,27 +190,16 @@ def evaluate_perplexity(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_checkpoint(
-    model: str,
-    settings: EvalSettings,
-    *,
-    base: str | None = None,
-    use_base: bool = True,
-    device: str = "auto",
-    dtype: str = "auto",
-    out: str | os.PathLike | None = None,
-    command: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Evaluate the MoD checkpoint `model` (folder or Hub id) next to its base; returns the merged results.
+def evaluate_checkpoint(settings: EvalSettings) -> dict:
+    """Evaluate the MoD checkpoint `settings.model` (folder or Hub id) next to its base; returns the merged results.
 
-    `base`: a folder, Hub id or fetched registry name (default: the checkpoint's `base_model_name_or_path` when it is
-    available locally; `use_base=False` evaluates the MoD model alone). Results go to `out` (default: the checkpoint
-    folder when local, else `./<org--name>`); `command` is recorded with the numbers.
+    `settings.base`: a folder, Hub id or fetched registry name (default: the checkpoint's `base_model_name_or_path`
+    when it is available locally; `no_base` evaluates the MoD model alone). Results go to `settings.out` (default:
+    the checkpoint folder when local, else `./<org--name>`), with the settings as a command line (`command_line`).
     """
     from .tasks import run_lm_eval, task_manager, task_rows
 
-    settings.validate()  # bad input first, before any model is loaded
+    model, command, progress = settings.model, settings.command_line(), settings.progress
     texts = {}
     for data in settings.data:
         label = data_label(data, settings.split, settings.data_config)
@@ -218,11 +207,12 @@ def evaluate_checkpoint(
                                                               settings.data_config)
     tasks = list(settings.tasks or [])
     manager = task_manager(tasks, settings.tasks_path) if tasks else None
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
+    torch_device = pick_device(settings.device)
+    torch_dtype = pick_dtype(settings.dtype, torch_device)
 
-    mod, folder, base_model, base_name = load_models(model, base, torch_device, torch_dtype, use_base=use_base)
-    out_dir = Path(out) if out else default_output_dir(model)
+    mod, folder, base_model, base_name = load_models(model, settings.base, torch_device, torch_dtype,
+                                                     use_base=not settings.no_base)
+    out_dir = Path(settings.out) if settings.out else default_output_dir(model)
     quality: dict = {}
     efficiency: dict = {}
     record: dict = {"model": model, "base": base_name, "device": str(torch_device), "dtype": str(torch_dtype)}

@@ -1,18 +1,48 @@
-"""What `eval` and `bench` measure with, declared once (as `conversion/settings.py` declares fit, train and calibrate):
-the command-line flags and the release manifest's `eval` keys are derived from these fields."""
+"""What `eval`, `bench` and `show-routing` run with, declared and checked as `conversion/settings.py` declares the
+conversion steps (see `conversion/steps.py`): their flags, `--config` files and manifest sections are these fields."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from modification.conversion.settings import DataSettings, setting
+from modification.conversion.settings import DataSettings, Dtype, model_setting, out_setting, progress_setting
+from modification.conversion.steps import StepSettings, setting
+
+
+def device_setting() -> Any:
+    return setting("auto", "auto (CUDA when present), cpu or cuda", recorded=False)
+
+
+def dtype_setting() -> Any:
+    return setting("auto", "auto: bfloat16 on CUDA, float32 on CPU")
+
+
+def out_of_checkpoint_setting(what: str) -> Any:
+    return out_setting(f"folder for {what} (default: the checkpoint folder if local, else ./<org--name>)",
+                       required=False)
 
 
 @dataclass
-class EvalSettings(DataSettings):
+class MeasureSettings(DataSettings):
+    """A MoD checkpoint measured next to its base: what eval and bench share."""
+
+    base: str | None = setting(None, "base model (folder, Hub id, or a name fetched with `modification fetch-base`); "
+                                     "default: the checkpoint's base_model_name_or_path if it is available here")
+    split: str = setting("test", "split of a datasets source")
+    device: str = device_setting()
+    dtype: Dtype = dtype_setting()
+    progress: bool = progress_setting()
+
+
+@dataclass
+class EvalSettings(MeasureSettings):
     """What `modification eval` measures (see `evaluation/quality.py` and `evaluation/tasks.py`)."""
 
-    split: str = setting("test", "split of a datasets source")
+    step: ClassVar[str] = "eval"
+
+    no_base: bool = setting(False, "evaluate the MoD model alone")
+    out: str | None = out_of_checkpoint_setting("results.json, plots and records")
     context_lengths: list[int] = setting([1024], "context lengths for perplexity")
     stride: int | None = setting(None, "sliding-window stride in tokens (default: context / 2)")
     max_tokens: int | None = setting(None, "use at most this many tokens of each dataset")
@@ -22,24 +52,26 @@ class EvalSettings(DataSettings):
     num_fewshot: int | None = setting(None, "lm-eval: few-shot examples")
     tasks_batch_size: str = setting("1", "lm-eval batch size (an integer or auto)")
 
-    def validate(self) -> None:
-        if not self.data and not self.tasks:
-            raise ValueError("nothing to evaluate: give --data (perplexity) and/or --tasks (lm-eval)")
-        if any(n < 2 for n in self.context_lengths):
-            raise ValueError(f"context lengths must be at least 2, got {self.context_lengths}")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError("--stride must be a positive number of tokens")
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise ValueError("--max-tokens must be at least 2")
-        if self.tasks_batch_size != "auto" and not self.tasks_batch_size.isdigit():
-            raise ValueError(f"--tasks-batch-size must be a positive integer or auto, got {self.tasks_batch_size!r}")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(bool(self.data or self.tasks),
+                   "nothing to evaluate: give data (perplexity, --data) and/or tasks (lm-eval, --tasks)")
+        self.check(all(n >= 2 for n in self.context_lengths),
+                   f"context_lengths must be at least 2, got {self.context_lengths}")
+        self.check(self.stride is None or self.stride >= 1, "stride must be a positive number of tokens")
+        self.check(self.max_tokens is None or self.max_tokens >= 2, "max_tokens must be at least 2")
+        self.check(self.limit is None or self.limit > 0, f"limit must be positive, got {self.limit}")
+        self.check(self.tasks_batch_size == "auto" or self.tasks_batch_size.isdigit(),
+                   f"tasks_batch_size must be a positive integer or auto, got {self.tasks_batch_size!r}")
 
 
 @dataclass
-class BenchSettings(DataSettings):
+class BenchSettings(MeasureSettings):
     """What `modification bench` times (see `evaluation/benchmark.py`). Without `data` the prompts are random ids."""
 
-    split: str = setting("test", "split of a datasets source")
+    step: ClassVar[str] = "bench"
+
+    out: str | None = out_of_checkpoint_setting("bench.json, bench.png and results.json")
     lengths: list[int] = setting([1024, 4096], "prefill context lengths")
     repetitions: int = setting(5, "timed repetitions per measurement, after one warm-up")
     decode_batch_sizes: list[int] = setting([1, 4], "decode batch sizes (an empty string: no decode benchmark)")
@@ -52,12 +84,34 @@ class BenchSettings(DataSettings):
                                         "other jobs, 1 avoids threads waiting on each other")
     seed: int = setting(0, "random seed of the prompts")
 
-    def validate(self) -> None:
-        if not self.lengths:
-            raise ValueError("--lengths needs at least one context length")
-        if any(n < 1 for n in self.lengths + self.decode_batch_sizes):
-            raise ValueError("lengths and decode batch sizes must be positive")
-        if self.repetitions < 1 or self.decode_tokens < 1 or self.decode_prompt_length < 1:
-            raise ValueError("--repetitions, --decode-tokens and --decode-prompt-length must be positive")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError("--threads must be at least 1")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(bool(self.lengths), "lengths needs at least one context length")
+        self.check(all(n >= 1 for n in self.lengths + self.decode_batch_sizes),
+                   "lengths and decode_batch_sizes must be positive")
+        self.check(min(self.repetitions, self.decode_tokens, self.decode_prompt_length) >= 1,
+                   "repetitions, decode_tokens and decode_prompt_length must be positive")
+        self.check(self.executed_fraction is None or 0.0 < self.executed_fraction <= 1.0,
+                   f"executed_fraction must lie in (0, 1], got {self.executed_fraction}")
+        self.check(self.threads is None or self.threads >= 1, "threads must be at least 1")
+
+
+@dataclass
+class RoutingMapSettings(StepSettings):
+    """What `modification show-routing` draws (see `evaluation/plots.py`)."""
+
+    step: ClassVar[str] = "show-routing"
+
+    model: str | None = model_setting()
+    text: str | None = setting(None, "the text to route")
+    text_file: str | None = setting(None, "read the text from this file")
+    max_tokens: int = setting(256, "route at most this many tokens")
+    out: str = setting("routing", "output folder")
+    device: str = device_setting()
+    dtype: Dtype = dtype_setting()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check((self.text is None) != (self.text_file is None), "give the text or a text_file (one of them)")
+        self.check(self.text is None or bool(self.text.strip()), "the text is empty: give a text with some words")
+        self.check(self.max_tokens >= 1, "max_tokens must be at least 1")

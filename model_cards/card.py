@@ -13,18 +13,21 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modification.conversion.checkpoint import (
-    HUB_ID, CheckpointError, card_license, card_license_fields, is_hub_id, read_mod_config,
+    HUB_ID, CheckpointError, card_license, card_license_fields, is_hub_id, read_mod_config, resolve_checkpoint,
 )
 from modification.conversion.local_paths import public_name
 from modification.conversion.results import RESULTS_FILENAME, load_results, public_results, routing_section
 from modification.conversion.settings import RECIPES
 from modification.modeling.configuration_mod import ROUTING_FIELDS
+
+from .settings import CardSettings
 
 
 logger = logging.getLogger(__name__)
@@ -354,6 +357,23 @@ def render_card(
     card = ModelCard.from_template(data, template_path=str(TEMPLATE_PATH), **context)
     # Optional template sections leave runs of blank lines behind; markdown renders one the same, so squeeze them.
     return ModelCard(re.sub(r"\n{3,}", "\n\n", card.content))
+
+
+def write_card(settings: CardSettings) -> Path | None:
+    """Render the card of `settings.checkpoint` for `settings.repo_id` and write it to `settings.out` (default:
+    README.md in the checkpoint folder; `-`: standard output, and None is returned); returns the file written."""
+    if settings.out is None and not Path(settings.checkpoint).is_dir():
+        raise ValueError("--out is needed when --checkpoint is a Hub id: the Hub cache is not a place to write cards")
+    folder = resolve_checkpoint(settings.checkpoint)
+    card = render_card(folder, settings.repo_id, base_model=settings.base_model, license=settings.license)
+    if settings.out == "-":
+        sys.stdout.write(str(card))
+        return None
+    out = Path(settings.out) if settings.out else folder / CARD_FILENAME
+    if out.exists() and not settings.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    card.save(out)
+    return out
 
 
 def card_problems(card: ModelCard, folder: str | os.PathLike, repo_id: str) -> list[str]:

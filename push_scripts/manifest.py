@@ -1,11 +1,13 @@
-"""The release manifest (`releases.yaml`): reading and checking it, and planning each member's steps as `modification`
-command lines (`plan_release`). Running the plan is `release.py`'s.
+"""The release manifest (`releases.yaml`): reading and checking it, and planning each member's steps as settings
+objects (`plan_release`). Running them is `release.py`'s.
 
-A member's keys are checked against the options they become: routing keys are MoDConfig's routing fields, the keys
-of the `fit`, `train`, `calibrate` and `eval` sections are the fields of their settings dataclasses, so a value is
-checked by the same type as the command's flag, and each key becomes that flag (`learning_rate: 1e-4` ->
-`--learning-rate 0.0001`). Keys renamed in 0.2 (`threshold`, `lr`, `router_lr`, `target`, `sink_tokens`) still work,
-with a FutureWarning naming the new key.
+A member's section of a step holds that step's settings: its keys are the fields of the step's settings dataclass
+(`STEP_SETTINGS`), the flags of `modification <step>` with underscores. The release chains the steps on top of them:
+each step reads what the step before it wrote under `<work_dir>/<member>/` (`convert` gets `base` and `out`;
+`fit`, `train` and `calibrate` `model` and `out`; `eval` and `bench` `model` and `base`; `card` and `push`
+`checkpoint`, `repo_id`, `base_model` and `license`), and a section may set those keys too. Every value is checked by
+the settings dataclass, and a mistake names the member, the step and the key (`members.x.fit.seq_len: must be an
+integer, got 'long'`).
 
 Data can name the project's offline texts symbolically: `texts:<kind>/<split>` (kind shakespeare, kjv or gcide; split
 train or held_out, see `conversion/texts.py`). They become `<work_dir>/<member>/texts/<kind>-<split>.txt`, which the
@@ -14,37 +16,30 @@ release links to the prepared texts before the steps run, so results and cards n
 
 from __future__ import annotations
 
-import shlex
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin
+from typing import Any
 
 import yaml
 
-from modification.cli.options import (
-    RENAMED, deprecation_message, describe_type, field_types, fields_argv, format_value, parse_value,
-    routing_field_map, settings_field_map, type_members,
-)
 from modification.conversion.checkpoint import is_hub_id
-from modification.conversion.settings import CalibrateSettings, FitSettings, TrainSettings
-from modification.evaluation.settings import EvalSettings
+from modification.conversion.settings import CalibrateSettings, ConvertSettings, FitSettings, TrainSettings
+from modification.conversion.steps import StepSettings
+from modification.evaluation.settings import BenchSettings, EvalSettings
+from modification.model_cards.settings import CardSettings, PushSettings
 
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "releases.yaml"
-STEPS = ("convert", "fit", "train", "calibrate", "eval", "card", "push")
+STEP_SETTINGS = {"convert": ConvertSettings, "fit": FitSettings, "train": TrainSettings,
+                 "calibrate": CalibrateSettings, "eval": EvalSettings, "bench": BenchSettings, "card": CardSettings,
+                 "push": PushSettings}
+STEPS = tuple(STEP_SETTINGS)
+# The steps that write a checkpoint, and the folder each writes under the member's folder.
+CHECKPOINT_FOLDERS = {"convert": "converted", "fit": "fitted", "train": "trained", "calibrate": "calibrated"}
+MEMBER_KEYS = ("base", "base_model", "repo_id", "license", *STEPS)
 # `data` entries of this form name the project's offline texts (conversion/texts.py) instead of a path
 TEXT_REF_PREFIX = "texts:"
 TEXT_SPLITS = ("train", "held_out")
-# The sections whose keys are the fields of a settings dataclass (the flags of the step's command, one name each).
-SETTINGS_SECTIONS = {"fit": FitSettings, "train": TrainSettings, "calibrate": CalibrateSettings, "eval": EvalSettings}
-SECTION_KEYS = {
-    "convert": ("dtype", "revision", "extra_args"),
-    **{name: (*settings_field_map(cls), "extra_args") for name, cls in SETTINGS_SECTIONS.items()},
-    "card": ("extra_args",),
-    "push": ("private", "revision", "create_pr", "dry_run", "extra_args"),
-}
-MEMBER_KEYS = ("base", "base_model", "repo_id", "license", "routing", *SECTION_KEYS)
 
 
 class ManifestError(ValueError):
@@ -54,12 +49,15 @@ class ManifestError(ValueError):
 @dataclass
 class Step:
     member: str
-    name: str
-    argv: list[str]  # arguments after `modification`
-    checkpoint: Path | None = None  # push only: the folder it uploads
+    settings: StepSettings
+
+    @property
+    def name(self) -> str:
+        return self.settings.step
 
     def command(self) -> str:
-        return shlex.join(["modification", *self.argv])
+        """The step as a `modification` command line (what results.json records)."""
+        return self.settings.command_line()
 
 
 @dataclass
@@ -67,8 +65,9 @@ class Member:
     name: str
     base: str
     repo_id: str
+    folder: Path  # where its steps write
     steps: list[Step] = field(default_factory=list)
-    # symbolic texts the steps read: kind -> split -> the file the commands name (linked before the steps run)
+    # symbolic texts the steps read: kind -> split -> the file the settings name (linked before the steps run)
     texts: dict[str, dict[str, Path]] = field(default_factory=dict)
 
 
@@ -86,47 +85,19 @@ def _str(value: Any, field_name: str) -> str:
     return value
 
 
-def _str_list(value: Any, field_name: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        _fail(field_name, f"must be a string or a non-empty list of strings, got {value!r}")
-    return value
-
-
-def _data(value: Any, field_name: str, member: Member, folder: Path) -> list[str]:
-    """A `data` list as command-line arguments: `texts:<kind>/<split>` becomes the member's link to that text."""
-    from modification.conversion.texts import TEXT_KINDS
-
-    args = []
-    for item in _str_list(value, field_name):
-        if not item.startswith(TEXT_REF_PREFIX):
-            args.append(item)
-            continue
-        kind, _, split = item[len(TEXT_REF_PREFIX):].partition("/")
-        if kind not in TEXT_KINDS or split not in TEXT_SPLITS:
-            _fail(field_name, f"{item!r}: texts are named texts:<kind>/<split> with kind one of "
-                              f"{', '.join(TEXT_KINDS)} and split one of {', '.join(TEXT_SPLITS)}")
-        path = folder / "texts" / f"{kind}-{split}.txt"
-        member.texts.setdefault(kind, {})[split] = path
-        args.append(str(path))
-    return args
-
-
 def _check_keys(section: dict, allowed: tuple[str, ...], field_name: str) -> None:
     unknown = sorted(set(section) - set(allowed))
     if unknown:
         _fail(field_name, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
 
-def _merge(defaults: dict, member: dict) -> dict:
-    """Member settings over the defaults; a section set to null in the member disables it."""
-    merged = dict(member)
-    for key, default in defaults.items():
-        if key not in member:
-            merged[key] = default
-        elif isinstance(default, dict) and isinstance(member[key], dict):
-            merged[key] = {**default, **member[key]}
+def merge(defaults: dict, changes: dict) -> dict:
+    """`changes` over `defaults`, mappings merged key by key (a step's section, convert's routing); a section set to
+    null disables the step."""
+    merged = dict(defaults)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        merged[key] = merge(defaults[key], value) if both else value
     return merged
 
 
@@ -156,164 +127,73 @@ def load_manifest(path: str | Path) -> dict:
         if not isinstance(spec, dict):
             _fail(f"members.{name}", "must be a mapping")
         _check_keys(spec, MEMBER_KEYS, f"members.{name}")
-        merged[str(name)] = _merge(defaults, spec)
+        merged[str(name)] = merge(defaults, spec)
     return {"work_dir": raw.get("work_dir", "outputs/release"), "members": merged}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plan: the command lines of each member's steps.
+# Plan: the settings of each member's steps.
 
 
-def _section(spec: dict, key: str, where: str) -> dict | None:
-    """A step's section (None when absent or null), deprecated keys renamed with a warning, checked against the
-    step's keys."""
-    value = spec.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        _fail(f"{where}.{key}", "must be a mapping (or null to skip the step)")
-    value = _renamed(value, SECTION_KEYS[key], f"{where}.{key}")
-    _check_keys(value, SECTION_KEYS[key], f"{where}.{key}")
-    return value
+def _data(value: Any, field_name: str, member: Member) -> Any:
+    """A `data` list with `texts:<kind>/<split>` made the member's link to that text (the rest the settings check)."""
+    from modification.conversion.texts import TEXT_KINDS
+
+    if not isinstance(value, (str, list)):
+        return value
+    items = []
+    for item in [value] if isinstance(value, str) else value:
+        if isinstance(item, str) and item.startswith(TEXT_REF_PREFIX):
+            kind, _, split = item[len(TEXT_REF_PREFIX):].partition("/")
+            if kind not in TEXT_KINDS or split not in TEXT_SPLITS:
+                _fail(field_name, f"{item!r}: texts are named texts:<kind>/<split> with kind one of "
+                                  f"{', '.join(TEXT_KINDS)} and split one of {', '.join(TEXT_SPLITS)}")
+            item = member.folder / "texts" / f"{kind}-{split}.txt"
+            member.texts.setdefault(kind, {})[split] = item
+        items.append(str(item))
+    return items
 
 
-def _extra(section: dict, where: str) -> list[str]:
-    extra = section.get("extra_args", [])
-    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
-        _fail(f"{where}.extra_args", "must be a list of strings (passed to the command unchanged)")
-    return list(extra)
-
-
-def _renamed(section: dict, allowed, where: str) -> dict:
-    """The section with deprecated keys (`RENAMED`: `threshold`, `lr`, `target`, ...) under their new names, each
-    with a FutureWarning."""
-    out = {}
-    for key, value in section.items():
-        new = RENAMED.get(key)
-        if new is not None and key not in allowed and new in allowed:
-            warnings.warn(deprecation_message(f"{where}.{key}", f"{where}.{new}", "manifest key"), FutureWarning,
-                          stacklevel=3)
-            key = new
-        out[key] = value
-    return out
-
-
-def _field_value(value: Any, f, tp, where: str) -> Any:
-    """A manifest value checked against its field's type, the way the command's flag would parse it (YAML numbers
-    and lists as such; strings through the flag's own parser: YAML reads `1e-3` as a string)."""
-    if f.metadata.get("nargs") or f.metadata.get("action"):  # several values: one string or a list of strings
-        return _str_list(value, where)
-    takes_list = any(get_origin(t) is list for t in type_members(tp))
-    if (isinstance(value, bool) and tp is not bool) or (isinstance(value, (list, dict)) and not takes_list):
-        _fail(where, f"must be {_expected(tp)}, got {value!r}")
-    try:
-        parsed = parse_value(value if isinstance(value, str) else format_value(value), tp)
-    except Exception:  # argparse.ArgumentTypeError, ValueError: the same message for every kind of mistake
-        _fail(where, f"must be {_expected(tp)}, got {value!r}")
-    choices = f.metadata.get("choices")
-    if choices and parsed not in choices:
-        _fail(where, f"must be one of {', '.join(choices)}, got {value!r}")
-    return parsed
-
-
-def _expected(tp) -> str:
-    members = type_members(tp)
-    if float in members and int in members:  # `float | int`: any number
-        members = [t for t in members if t is not int]
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    return " or ".join(names.get(t) or describe_type(t) for t in members)
-
-
-def _fields_args(section: dict, field_map: dict, hints: dict, where: str, member: Member | None = None,
-                 folder: Path | None = None) -> list[str]:
-    """Command-line arguments for a manifest section whose keys are fields (`field_map`); `data` may name texts."""
-    values = {}
-    for key, value in section.items():
-        if key == "extra_args" or value is None:
-            continue
-        values[key] = _field_value(value, field_map[key], hints[key], f"{where}.{key}")
-        if key == "data" and member is not None:
-            values[key] = _data(values[key], f"{where}.{key}", member, folder)
-    for key, f in field_map.items():
-        if f.metadata.get("required") and values.get(key) is None:
-            _fail(f"{where}.{key}", "is required")
-    return fields_argv({key: values[key] for key in field_map if key in values}, field_map)  # declaration order
-
-
-def plan_member(name: str, spec: dict, work_dir: Path) -> Member:
-    """The steps of one member, each a `modification` command line; outputs go under `work_dir/name`."""
-    from modification.modeling.configuration_mod import MoDConfig
-
+def plan_member(name: str, spec: dict, folder: Path) -> Member:
+    """The steps of one member, each a settings object; outputs go under `folder`. `convert` and `push` always run,
+    `train`, `calibrate` and `eval` unless their section is null, `fit`, `bench` and `card` when the member has a
+    section for them."""
     where = f"members.{name}"
     base = _str(spec.get("base"), f"{where}.base")
     repo_id = _str(spec.get("repo_id"), f"{where}.repo_id")
     if not is_hub_id(repo_id):
         _fail(f"{where}.repo_id", f"must look like org/name, got {repo_id!r}")
-    folder = work_dir / name
-    member = Member(name=name, base=base, repo_id=repo_id)
-
-    routing = spec.get("routing") or {}
-    if not isinstance(routing, dict):
-        _fail(f"{where}.routing", "must be a mapping")
-    routing_fields = routing_field_map()
-    routing = _renamed(routing, tuple(routing_fields), f"{where}.routing")
-    _check_keys(routing, tuple(routing_fields), f"{where}.routing")
-    convert = _section(spec, "convert", where) or {}
-    current = folder / "converted"
-    argv = ["convert", "--base", base, "--out", str(current),
-            *_fields_args(routing, routing_fields, field_types(MoDConfig, routing_fields), f"{where}.routing")]
-    for key in ("dtype", "revision"):
-        if convert.get(key) is not None:
-            argv += [f"--{key}", _str(convert[key], f"{where}.convert.{key}")]
-    member.steps.append(Step(name, "convert", argv + _extra(convert, f"{where}.convert")))
-
-    train_seq_len = None
-    for step in ("fit", "train", "calibrate"):
-        section = _section(spec, step, where)
+    for key in ("base_model", "license"):
+        if spec.get(key) is not None:
+            _str(spec[key], f"{where}.{key}")
+    member = Member(name=name, base=base, repo_id=repo_id, folder=folder)
+    # The card and the push name the base by its Hub id and state the licence.
+    publish = {"repo_id": repo_id, "base_model": spec.get("base_model") or (base if is_hub_id(base) else None),
+               "license": spec.get("license")}
+    checkpoint = None  # the folder the last checkpoint-writing step wrote
+    for step, cls in STEP_SETTINGS.items():
+        section = spec.get(step, {} if step in ("convert", "push") else None)
         if section is None:
             continue
-        cls = SETTINGS_SECTIONS[step]
-        if step == "train":
-            train_seq_len = section.get("seq_len")
-        elif step == "calibrate" and section.get("seq_len") is None and train_seq_len is not None:
-            section = {**section, "seq_len": train_seq_len}  # calibrate on sequences as long as the training ones
-        out = folder / {"fit": "fitted", "train": "trained", "calibrate": "calibrated"}[step]
-        args = _fields_args(section, settings_field_map(cls), field_types(cls), f"{where}.{step}", member, folder)
-        member.steps.append(Step(name, step, [step, "--model", str(current), "--out", str(out), *args,
-                                              *_extra(section, f"{where}.{step}")]))
-        current = out
-
-    evaluation = _section(spec, "eval", where)
-    if evaluation is not None:
-        # eval writes results.json into the checkpoint folder it measures, where push and the card read it
-        args = _fields_args(evaluation, settings_field_map(EvalSettings), field_types(EvalSettings),
-                            f"{where}.eval", member, folder)
-        member.steps.append(Step(name, "eval", ["eval", "--model", str(current), "--base", base, *args,
-                                                *_extra(evaluation, f"{where}.eval")]))
-
-    # The card and the push name the base by its Hub id and state the licence.
-    card_args = []
-    base_model = spec.get("base_model") or (base if is_hub_id(base) else None)
-    if base_model:
-        card_args += ["--base-model", _str(base_model, f"{where}.base_model")]
-    if spec.get("license") is not None:
-        card_args += ["--license", _str(spec["license"], f"{where}.license")]
-
-    card = _section(spec, "card", where)
-    if card is not None:  # the card is written into the checkpoint folder, where push reads and checks it
-        argv = ["card", "--checkpoint", str(current), "--repo-id", repo_id, "--overwrite", *card_args]
-        member.steps.append(Step(name, "card", argv + _extra(card, f"{where}.card")))
-
-    push = _section(spec, "push", where) or {}
-    argv = ["push", "--checkpoint", str(current), "--repo-id", repo_id, *card_args]
-    if push.get("revision") is not None:
-        argv += ["--revision", _str(push["revision"], f"{where}.push.revision")]
-    for key in ("private", "create_pr", "dry_run"):
-        if push.get(key) not in (None, False, True):
-            _fail(f"{where}.push.{key}", f"must be true or false, got {push.get(key)!r}")
-        if push.get(key):
-            argv.append("--" + key.replace("_", "-"))
-    member.steps.append(Step(name, "push", argv + _extra(push, f"{where}.push"), checkpoint=current))
+        if not isinstance(section, dict):
+            _fail(f"{where}.{step}", "must be a mapping (or null to skip the step)")
+        chained = {
+            "convert": {"base": base},
+            "eval": {"model": checkpoint, "base": base},
+            "bench": {"model": checkpoint, "base": base},
+            "card": {**publish, "checkpoint": checkpoint, "overwrite": True},
+            "push": {**publish, "checkpoint": checkpoint},
+        }.get(step, {"model": checkpoint})
+        if step in CHECKPOINT_FOLDERS:
+            chained["out"] = str(folder / CHECKPOINT_FOLDERS[step])
+        if step == "calibrate" and member.steps[-1].name == "train":
+            chained["seq_len"] = member.steps[-1].settings.seq_len  # as long as the training sequences
+        if "data" in section:
+            section = {**section, "data": _data(section["data"], f"{where}.{step}.data", member)}
+        settings = cls.from_dict({**chained, **section}, where=f"{where}.{step}")
+        member.steps.append(Step(name, settings))
+        if step in CHECKPOINT_FOLDERS:
+            checkpoint = settings.out or checkpoint  # calibrate without `out` updates the folder in place
     return member
 
 
@@ -324,4 +204,4 @@ def plan_release(manifest: dict, names: list[str] | None, work_dir: str | None =
     if unknown:
         raise ManifestError(f"unknown member(s) {', '.join(unknown)}; the manifest has {', '.join(members)}")
     root = Path(work_dir or manifest["work_dir"])
-    return [plan_member(n, s, root) for n, s in members.items() if names is None or n in names]
+    return [plan_member(n, s, root / n) for n, s in members.items() if names is None or n in names]

@@ -33,6 +33,7 @@ from modification.conversion.checkpoint import (
 from modification.conversion.local_paths import local_path_problems
 from modification.conversion.results import RESULTS_FILENAME
 from modification.model_cards.card import CARD_FILENAME, card_problems, render_card
+from modification.model_cards.settings import PushSettings
 
 
 logger = logging.getLogger(__name__)
@@ -226,44 +227,33 @@ def require_token() -> str:
     return token
 
 
-def push_checkpoint(
-    checkpoint: str,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    dry_run: bool = False,
-    delete_missing: bool = False,
-    commit_message: str | None = None,
-    base_model: str | None = None,
-    license: str | None = None,
-    new_card: bool = False,
-    allow_local_paths: bool = False,
-) -> tuple[UploadPlan, object | None]:
-    """Verify and upload `checkpoint` (folder or Hub id) to `repo_id`; returns the plan and the `CommitInfo`.
+def push_checkpoint(settings: PushSettings) -> tuple[UploadPlan, object | None]:
+    """Verify and upload `settings.checkpoint` (folder or Hub id) to `settings.repo_id`; returns the plan and the
+    `CommitInfo`.
 
     With `dry_run` everything is verified and nothing is sent (no token needed); the `CommitInfo` is None.
     `allow_local_paths` publishes files that name paths of this machine instead of refusing them.
     """
-    token = None if dry_run else require_token()  # fail before the slow checks
-    folder = resolve_checkpoint(checkpoint)
-    plan = plan_upload(folder, repo_id, base_model=base_model, license=license, new_card=new_card)
-    verify_checkpoint(plan, allow_local_paths=allow_local_paths)
-    if dry_run:
+    repo_id, revision, create_pr = settings.repo_id, settings.revision, settings.create_pr
+    token = None if settings.dry_run else require_token()  # fail before the slow checks
+    folder = resolve_checkpoint(settings.checkpoint)
+    plan = plan_upload(folder, repo_id, base_model=settings.base_model, license=settings.license,
+                       new_card=settings.new_card)
+    verify_checkpoint(plan, allow_local_paths=settings.allow_local_paths)
+    if settings.dry_run:
         return plan, None
 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+    api.create_repo(repo_id, private=True if settings.private else None, exist_ok=True)
     if revision and revision != "main" and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations: list = []
     for name, source in plan.files.items():
         data = source if isinstance(source, bytes) else str(source)
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
-    if delete_missing:
+    if settings.delete_missing:
         remote = api.list_repo_files(repo_id, revision=revision)
         operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remote)
                        if name not in plan.files and name not in KEEP_REMOTE]
@@ -271,10 +261,11 @@ def push_checkpoint(
         ours = version("modification")
     except PackageNotFoundError:
         ours = "dev"
+    message = settings.commit_message or f"Upload MoD checkpoint ({len(plan.files)} files, modification {ours})"
     info = api.create_commit(
         repo_id,
         operations,
-        commit_message=commit_message or f"Upload MoD checkpoint ({len(plan.files)} files, modification {ours})",
+        commit_message=message,
         revision=revision,
         create_pr=create_pr,
     )

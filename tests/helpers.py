@@ -196,6 +196,7 @@ def text_mod_checkpoint(folder: Path, vocab_size: int = 384, seed: int = 0, **ro
     Returns (mod_dir, train.txt, held_out.txt)."""
     from modification.conversion.corpus import train_tokenizer
     from modification.conversion.convert import convert_checkpoint
+    from modification.conversion.settings import ConvertSettings
 
     train, test = reference_text_files(folder / "text")
     tokenizer = train_tokenizer([train.read_text()], vocab_size=vocab_size)
@@ -207,5 +208,5 @@ def text_mod_checkpoint(folder: Path, vocab_size: int = 384, seed: int = 0, **ro
     )
     LlamaForCausalLM(config).save_pretrained(folder / "base")
     tokenizer.save_pretrained(folder / "base")
-    convert_checkpoint(str(folder / "base"), folder / "mod", **routing)
+    convert_checkpoint(ConvertSettings(base=str(folder / "base"), out=str(folder / "mod"), routing=routing))
     return folder / "mod", train, test

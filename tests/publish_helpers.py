@@ -12,6 +12,7 @@ from helpers import save_base
 
 from modification.conversion.convert import convert_checkpoint
 from modification.conversion.results import RESULTS_FILENAME, validate_results
+from modification.conversion.settings import ConvertSettings
 
 
 REPO_ID = "test-org/tiny-mod"
@@ -52,7 +53,8 @@ def make_checkpoint(root: Path, *, results: bool = True, base_license: str | Non
     base = save_base("llama", root / "base")
     if base_license:
         (base / "README.md").write_text(f"---\nlicense: {base_license}\n---\n# tiny base\n")
-    out = convert_checkpoint(str(base), root / "mod", router_threshold=THRESHOLD)
+    out = convert_checkpoint(ConvertSettings(base=str(base), out=str(root / "mod"),
+                                             routing={"router_threshold": THRESHOLD}))
     if results:
         (out / RESULTS_FILENAME).write_text(json.dumps(sample_results(), indent=2))
     return out

@@ -2,15 +2,19 @@
 This checks the measurement plumbing, not speed (benchmarks are scripts, see benchmarks/)."""
 
 import json
+import shlex
 
 import pytest
 import torch
 from helpers import save_base
 from test_evaluation import _png_ok, _routed_checkpoint, _write_text
 
+from modification.cli.main import build_parser
 from modification.cli.main import main as cli
+from modification.cli.options import settings_from_args
 from modification.conversion.local_paths import public_command
 from modification.conversion.results import load_results
+from modification.evaluation.settings import BenchSettings
 
 
 def _positive_summary(summary: dict) -> None:
@@ -35,7 +39,10 @@ def test_bench_json_has_every_field_with_sane_values(tmp_path, capsys, with_text
     finally:
         torch.set_num_threads(threads)
     bench = json.loads((out / "bench.json").read_text())
-    assert bench["command"] == "modification " + " ".join(argv)
+    # the command recorded is the settings as flags: it gives back the settings that ran
+    ran = settings_from_args(BenchSettings, build_parser().parse_args(argv))
+    assert bench["command"] == ran.command_line()
+    assert settings_from_args(BenchSettings, build_parser().parse_args(shlex.split(bench["command"])[1:])) == ran
     assert bench["prompts"] == ("text.txt" if with_text else "random token ids")
     setup = bench["setup"]
     for key in ("device", "device_type", "dtype", "torch_threads", "torch_version", "repetitions",

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from modification.conversion.checkpoint import CheckpointError, load_mod_model
 from modification.cli.main import main as cli
 from modification.conversion.convert import UnsupportedArchitectureError, convert_checkpoint
+from modification.conversion.settings import ConvertSettings
 
 
 def _ids():
@@ -94,7 +95,7 @@ def test_missing_trust_remote_code_is_a_clear_error(tmp_path):
 def test_unsupported_architecture_is_rejected_before_loading(tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, qwen2, qwen3"):
-        convert_checkpoint(str(tmp_path / "gpt2"), tmp_path / "out")
+        convert_checkpoint(ConvertSettings(base=str(tmp_path / "gpt2"), out=str(tmp_path / "out")))
     assert cli(["convert", "--base", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out")]) == 2
     assert "gpt2" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -113,8 +114,8 @@ def test_bad_routing_arguments_leave_no_output(tmp_path, capsys, flags, message)
 
 def test_unknown_routing_field_is_rejected(tmp_path):
     base_dir = save_base("llama", tmp_path / "base")
-    with pytest.raises(TypeError, match="threshold"):
-        convert_checkpoint(str(base_dir), tmp_path / "out", threshold=0.55)  # the field is router_threshold
+    with pytest.raises(ValueError, match="convert.routing: unknown key.s. threshold"):  # the field is router_threshold
+        convert_checkpoint(ConvertSettings(base=str(base_dir), out=str(tmp_path / "out"), routing={"threshold": 0.55}))
     assert not (tmp_path / "out").exists()
 
 
@@ -124,9 +125,9 @@ def test_existing_output_needs_overwrite(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
-        convert_checkpoint(str(base_dir), out)
+        convert_checkpoint(ConvertSettings(base=str(base_dir), out=str(out)))
     assert (out / "keep.txt").exists()
-    convert_checkpoint(str(base_dir), out, overwrite=True)
+    convert_checkpoint(ConvertSettings(base=str(base_dir), out=str(out), overwrite=True))
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
@@ -141,7 +142,7 @@ def test_failure_during_write_leaves_no_partial_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(convert_module, "save_checkpoint", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        convert_checkpoint(str(base_dir), tmp_path / "out")
+        convert_checkpoint(ConvertSettings(base=str(base_dir), out=str(tmp_path / "out")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 

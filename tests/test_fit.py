@@ -17,6 +17,11 @@ from modification.conversion.fit import (
 from modification.modeling import MoDConfig
 
 
+def _settings(**kw) -> FitSettings:
+    """`fit_routers` reads the fit's own fields; the step's folders and text (required by the step) are not read."""
+    return FitSettings(model="mod", out="fitted", data=["calib.txt"], **kw)
+
+
 def _batches(n: int, seq: int = 48, seed: int = 0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(3, VOCAB, (1, seq), generator=gen)} for _ in range(n)]
@@ -27,7 +32,7 @@ def tiny_fitted():
     base = tiny_base("llama", num_layers=6)
     model = convert_model(base, router_kind="threshold")
     calib = _batches(4)
-    fitted, record = fit_routers(model, calib, FitSettings(executed_fraction=0.8, max_skip=0.6), progress=False)
+    fitted, record = fit_routers(model, calib, _settings(executed_fraction=0.8, max_skip=0.6), progress=False)
     fold_thresholds_into_biases(fitted)
     return fitted, record, calib
 
@@ -85,11 +90,12 @@ def test_sink_tokens_field_is_validated():
 def test_fit_rejects_impossible_budgets():
     model = convert_model(tiny_base("llama", num_layers=4), router_kind="threshold")
     with pytest.raises(ValueError, match=r"executed_fraction must lie in \(0, 1\]"):
-        fit_routers(model, _batches(1), FitSettings(executed_fraction=1.5), progress=False)
+        fit_routers(model, _batches(1), _settings(executed_fraction=1.5), progress=False)
     with pytest.raises(ValueError, match="routable layers"):
-        fit_routers(model, _batches(2), FitSettings(executed_fraction=0.05, max_skip=0.5), progress=False)
+        fit_routers(model, _batches(2), _settings(executed_fraction=0.05, max_skip=0.5), progress=False)
     with pytest.raises(ValueError, match="router_kind"):
-        fit_routers(convert_model(tiny_base("llama"), router_kind="dense"), _batches(1), FitSettings(), progress=False)
+        dense = convert_model(tiny_base("llama"), router_kind="dense")
+        fit_routers(dense, _batches(1), _settings(executed_fraction=0.8), progress=False)
 
 
 def test_recalibration_keeps_the_fit_plan(tiny_fitted):
@@ -151,7 +157,7 @@ def test_fitted_routers_reach_the_budget_on_held_out_text_of_the_real_base():
     held = [str(paths["held_out"]) for paths in texts.values()]
     held_batches, _ = calibration_batches(held, tokenizer, seq_len=128, blocks_per_source=4, held_out_fraction=0.0,
                                           progress=False)
-    fitted, record = fit_routers(model, calib, FitSettings(executed_fraction=0.9, label_samples=1), progress=False)
+    fitted, record = fit_routers(model, calib, _settings(executed_fraction=0.9, label_samples=1), progress=False)
     _, routed = _collect(fitted, held_batches)
     assert abs(executed_fraction(routed) - 0.9) <= 0.02, record
     # the ruinous layers (the first and the last, by measurement) are never routed

@@ -6,17 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from hub_stub import HubStub
 from publish_helpers import BASE_ID, REPO_ID, copy_checkpoint, isolate_hub, make_checkpoint
 
-from modification.cli import demo
 from modification.conversion.bases import KNOWN_BASES, bases_dir
 from modification.conversion.checkpoint import CODE_FILES, MODELING_DIR, CheckpointError
 from modification.cli.main import main as cli
 from modification.conversion.corpus import cache_dir
 from modification.conversion.local_paths import local_path_problems, public_command, public_name, public_strings
 from modification.model_cards.card import render_card
+from modification.model_cards.settings import PushSettings
 from modification.push_scripts.push import push_checkpoint
 
 
@@ -119,10 +118,11 @@ def test_push_refuses_a_folder_that_names_a_local_path(checkpoint, tmp_path, mon
     folder = copy_checkpoint(checkpoint, tmp_path / "ck")
     expected = _leak(folder, where, str(tmp_path / "data" / "train.txt"))
     with pytest.raises(CheckpointError) as err:
-        push_checkpoint(str(folder), REPO_ID, dry_run=True, base_model=BASE_ID)
+        push_checkpoint(PushSettings(checkpoint=str(folder), repo_id=REPO_ID, dry_run=True, base_model=BASE_ID))
     message = str(err.value)
     assert f"  - {expected}\n" in message and "--allow-local-paths" in message
-    assert push_checkpoint(str(folder), REPO_ID, dry_run=True, base_model=BASE_ID, allow_local_paths=True)[1] is None
+    assert push_checkpoint(PushSettings(checkpoint=str(folder), repo_id=REPO_ID, dry_run=True, base_model=BASE_ID,
+                                        allow_local_paths=True))[1] is None
 
     push = ["push", "--checkpoint", str(folder), "--repo-id", REPO_ID, "--base-model", BASE_ID, "--dry-run"]
     assert cli(push) == 2
@@ -134,20 +134,10 @@ def test_push_refuses_a_folder_that_names_a_local_path(checkpoint, tmp_path, mon
 def test_a_demo_made_checkpoint_pushed_to_the_hub_names_no_local_path(tmp_path, monkeypatch):
     """The whole path on a tiny base given by its absolute path: demo, card, push to the loopback Hub; then every
     uploaded file is searched for the folders of this machine with plain substring checks (not the scanner)."""
-    from helpers import text_mod_checkpoint
     from huggingface_hub import constants
+    from test_demo import run_tiny_demo
 
-    _, train_txt, held_txt = text_mod_checkpoint(tmp_path / "model")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(demo, "demo_texts", lambda folder, progress=True: (demo.stage_texts(
-        {k: {"train": train_txt, "held_out": held_txt} for k in ("shakespeare", "kjv")}, folder), {}))
-    settings = demo.DemoSettings(
-        executed_fraction=0.8, fit_seq_len=64, fit_blocks_per_source=4, eval_context_length=128, eval_max_tokens=600,
-        bench_lengths=(64,), bench_decode_batch_sizes=(1,), bench_repetitions=1, bench_threads=torch.get_num_threads(),
-        chat_prompts=("w1 w2 w3",), chat_max_new_tokens=4,
-    )
-    demo.run_demo("demo-out", base=str(tmp_path / "model" / "base"), settings=settings, progress=False)
+    run_tiny_demo(monkeypatch, tmp_path, {})
     demo_card = (tmp_path / "demo-out" / "README.md").read_bytes()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the card looks up the licence of BASE_ID: cache only
     assert cli(["card", "--checkpoint", "demo-out", "--repo-id", REPO_ID, "--base-model", BASE_ID,

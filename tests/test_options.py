@@ -1,24 +1,31 @@
-"""One declaration per option (issue 11): every routing field and every training setting round-trips
-command line -> config / settings -> results.json -> model card; a routing field missing from any derived surface
-fails here; the flags and manifest keys renamed in 0.2 still work and warn."""
+"""One declaration per option (issue 11), one settings object per step (issue 17): every routing field and every
+training setting round-trips command line -> config / settings -> results.json -> model card; a routing field
+missing from any derived surface fails here; flags and a `--config` file give equal settings for every step, and a
+wrong key names the key and the step; each option has one name."""
 
 import dataclasses
+import importlib
 import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from modification.cli.commands import COMMANDS
 from modification.cli.main import build_parser
 from modification.cli.main import main as cli
-from modification.cli.options import RENAMED, flag
+from modification.cli.options import settings_from_args
 from modification.conversion.results import routing_section
-from modification.conversion.settings import CalibrateSettings, FitSettings, TrainSettings, settings_fields
-from modification.evaluation.settings import BenchSettings, EvalSettings
+from modification.conversion.settings import TrainSettings
+from modification.conversion.steps import SettingsError, flag
+from modification.evaluation.settings import RoutingMapSettings
 from modification.model_cards.card import _routing_rows, _training_rows, fmt, render_card
 from modification.modeling.configuration_mod import ROUTING_FIELDS, MoDConfig
-from modification.push_scripts.manifest import SECTION_KEYS, load_manifest, plan_release
+from modification.push_scripts.manifest import STEP_SETTINGS, load_manifest, plan_release
 
 
 # A value other than the default for every routing field (a new field without one here fails the first test). The
@@ -69,6 +76,28 @@ TRAIN_SAMPLES = {
 }
 
 
+# Values other than the defaults for some fields of every command's settings (folders, lists, bools, unions).
+SETTINGS_SAMPLES = {
+    "convert": {"base": "org/base", "out": "mod", "dtype": "bfloat16", "revision": "v1", "overwrite": True,
+                "trust_remote_code": True, "routing": ROUTING_SAMPLES},
+    "fit": {"model": "mod", "out": "fitted", "data": ["a.txt", "b c.txt"], "executed_fraction": 0.7,
+            "routed_layers": [1, 3], "ridge": 0.01, "progress": False},
+    "train": {**{k: v for k, v in TRAIN_SAMPLES.items() if k != "data"}, "data": ["a.txt"], "model": "mod",
+              "out": "trained", "checkpoint_dir": "ck", "resume": True, "save_adapter": True, "overwrite": True},
+    "calibrate": {"model": "mod", "data": ["a.txt"], "executed_fraction": 0.75, "global_threshold": True,
+                  "max_blocks": 8},
+    "eval": {"model": "mod", "base": "org/base", "no_base": True, "data": ["a.txt"], "context_lengths": [64, 128],
+             "tasks": ["x", "y"], "tasks_path": ["p1", "p2"], "limit": 0.5, "tasks_batch_size": "auto",
+             "device": "cpu", "dtype": "float32"},
+    "bench": {"model": "mod", "lengths": [16, 32], "decode_batch_sizes": [], "threads": 1, "executed_fraction": 0.6},
+    "card": {"checkpoint": "mod", "repo_id": "org/m", "out": "-", "license": "mit"},
+    "push": {"checkpoint": "mod", "repo_id": "org/m", "private": True, "create_pr": True, "dry_run": True,
+             "commit_message": "hi there", "base_model": "org/base"},
+    "show-routing": {"model": "mod", "text": "some words", "max_tokens": 32},
+}
+SETTINGS = {**STEP_SETTINGS, "show-routing": RoutingMapSettings}
+
+
 def _defaults(cls) -> dict:
     return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
             for f in dataclasses.fields(cls)}
@@ -91,7 +120,7 @@ def _argv(values: dict) -> list[str]:
 
 def test_samples_cover_every_declared_field():
     assert set(ROUTING_SAMPLES) == set(ROUTING_FIELDS)
-    assert set(TRAIN_SAMPLES) == {f.name for f in settings_fields(TrainSettings)}
+    assert set(TRAIN_SAMPLES) == {f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("recorded", True)}
     defaults = _defaults(MoDConfig)
     assert all(ROUTING_SAMPLES[name] != defaults[name] for name in ROUTING_FIELDS)
     defaults = _defaults(TrainSettings)
@@ -113,20 +142,58 @@ def test_every_routing_field_is_on_every_derived_surface(tmp_path):
         [label] = [k for k in rows if f"`{name}`" in k]
         assert fmt(ROUTING_SAMPLES[name]) in rows[label] or ", ".join(map(fmt, ROUTING_SAMPLES[name])) in rows[label]
         assert f"        {name} (defaults to" in MoDConfig.__doc__
-    # the manifest takes every field as a routing key and turns it into the same flag
-    manifest = {"members": {"m": {"base": "org/base", "repo_id": "org/m", "routing": ROUTING_SAMPLES}}}
+    # the manifest takes every field as a routing key of convert, and the flags give the same settings
+    manifest = {"members": {"m": {"base": "org/base", "repo_id": "org/m", "convert": {"routing": ROUTING_SAMPLES}}}}
     (tmp_path / "releases.yaml").write_text(yaml.safe_dump(manifest))
     [member] = plan_release(load_manifest(tmp_path / "releases.yaml"), None, work_dir=str(tmp_path))
-    parsed = build_parser().parse_args(member.steps[0].argv)
-    assert {name: getattr(parsed, name) for name in ROUTING_FIELDS} == ROUTING_SAMPLES
+    converted = member.steps[0].settings
+    assert converted.routing == ROUTING_SAMPLES
+    parsed = build_parser().parse_args(["convert", "--base", "org/base", "--out", converted.out,
+                                        *_argv(ROUTING_SAMPLES)])
+    assert settings_from_args(type(converted), parsed) == converted
 
 
-def test_settings_sections_of_the_manifest_are_the_settings_fields():
-    for section, cls in (("fit", FitSettings), ("train", TrainSettings), ("calibrate", CalibrateSettings),
-                         ("eval", EvalSettings)):
-        assert set(SECTION_KEYS[section]) == {f.name for f in settings_fields(cls)} | {"extra_args"}
-    for cls in (FitSettings, TrainSettings, CalibrateSettings, EvalSettings, BenchSettings):
-        assert all(f.metadata["help"] for f in settings_fields(cls)), cls
+def test_the_manifest_sections_and_the_commands_take_the_same_settings():
+    for step, cls in SETTINGS.items():
+        assert importlib.import_module(f"modification.cli.{COMMANDS[step]}").SETTINGS is cls, step
+        assert cls.step == step and all(f.metadata["help"] for f in dataclasses.fields(cls)), step
+    assert set(SETTINGS_SAMPLES) == set(SETTINGS)
+
+
+@pytest.mark.parametrize("step", list(SETTINGS))
+def test_config_file_and_flags_give_equal_settings(tmp_path, step):
+    cls, values = SETTINGS[step], SETTINGS_SAMPLES[step]
+    expected = cls(**values)
+    config = tmp_path / f"{step}.yaml"
+    config.write_text(yaml.safe_dump(values))
+    parser = build_parser()
+    assert settings_from_args(cls, parser.parse_args([step, "--config", str(config)])) == expected
+    assert cls.from_yaml(config) == expected
+    argv = shlex.split(expected.command_line())
+    assert argv[:2] == ["modification", step]
+    assert settings_from_args(cls, parser.parse_args(argv[1:])) == expected
+    # flags given with --config override its values (convert's routing key by key)
+    first = dataclasses.fields(cls)[0].name  # the model, base or checkpoint
+    both = parser.parse_args([step, "--config", str(config), flag(first), "other"])
+    assert settings_from_args(cls, both) == dataclasses.replace(expected, **{first: "other"})
+    if step == "convert":
+        both = parser.parse_args([step, "--config", str(config), "--router-threshold", "0.7"])
+        assert settings_from_args(cls, both).routing == {**ROUTING_SAMPLES, "router_threshold": 0.7}
+
+
+@pytest.mark.parametrize("step", list(SETTINGS))
+def test_a_wrong_key_names_the_key_and_the_step(tmp_path, capsys, step):
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({**SETTINGS_SAMPLES[step], "seq_lenn": 4}))
+    assert cli([step, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {step} settings in {config}: unknown key(s) seq_lenn; the {step} settings are" in err
+    if step in STEP_SETTINGS:  # and in the release manifest: the member, the step, the key
+        manifest = {"members": {"m": {"base": "org/base", "repo_id": "org/m", step: {"seq_lenn": 4}}}}
+        (tmp_path / "releases.yaml").write_text(yaml.safe_dump(manifest))
+        message = rf"^members\.m\.{step}: unknown key\(s\) seq_lenn; the {step} settings are"
+        with pytest.raises(SettingsError, match=message):
+            plan_release(load_manifest(tmp_path / "releases.yaml"), None, work_dir=str(tmp_path))
 
 
 @pytest.fixture
@@ -159,12 +226,10 @@ def test_routing_fields_round_trip_cli_config_results_card(tmp_path, offline_car
 def test_training_settings_round_trip_cli_settings_results_card(tmp_path, offline_card):
     from helpers import text_mod_checkpoint
 
-    from modification.cli.options import settings_from_args
-
     mod, train_txt, _ = text_mod_checkpoint(tmp_path / "model")
     values = {**TRAIN_SAMPLES, "data": [str(train_txt)]}
     args = build_parser().parse_args(["train", "--model", str(mod), "--out", "x", *_argv(values)])
-    assert dataclasses.asdict(settings_from_args(TrainSettings, args)) == values  # CLI -> settings
+    assert settings_from_args(TrainSettings, args).recorded() == values  # CLI -> settings
 
     # A real run with every value but fsdp (field, split and config are not read from a .txt file).
     run = {**values, "fsdp": False}
@@ -184,53 +249,33 @@ def test_training_settings_round_trip_cli_settings_results_card(tmp_path, offlin
             assert shown in rows[label], name
 
 
-@pytest.mark.parametrize("command,old,value,dest,expected", [
-    (["convert", "--base", "b", "--out", "o"], "--threshold", "0.3", "router_threshold", 0.3),
-    (["fit", "--model", "m", "--out", "o", "--data", "d", "--executed-fraction", "0.8"], "--sink-tokens", "2",
-     "routing_sink_tokens", 2),
-    (["fit", "--model", "m", "--out", "o", "--data", "d"], "--target", "0.7", "executed_fraction", 0.7),
-    (["train", "--model", "m", "--out", "o", "--data", "d"], "--lr", "0.001", "learning_rate", 0.001),
-    (["train", "--model", "m", "--out", "o", "--data", "d"], "--router-lr", "0.01", "router_learning_rate", 0.01),
-    (["train", "--model", "m", "--out", "o", "--data", "d"], "--target", "0.8", "executed_fraction", 0.8),
-    (["calibrate", "--model", "m", "--data", "d"], "--target", "0.75", "executed_fraction", 0.75),
-    (["bench", "--model", "m"], "--target-executed-fraction", "0.6", "executed_fraction", 0.6),
-    (["demo"], "--target", "0.7", "executed_fraction", 0.7),
+@pytest.mark.parametrize("command,old", [
+    (["convert", "--base", "b", "--out", "o"], "--threshold"),
+    (["fit", "--model", "m", "--out", "o", "--data", "d"], "--sink-tokens"),
+    (["fit", "--model", "m", "--out", "o", "--data", "d"], "--target"),
+    (["train", "--model", "m", "--out", "o", "--data", "d"], "--lr"),
+    (["train", "--model", "m", "--out", "o", "--data", "d"], "--router-lr"),
+    (["bench", "--model", "m"], "--target-executed-fraction"),
+    (["fit", "--model", "m", "--out", "o", "--data", "d"], "--executed"),  # no abbreviations either
 ])
-def test_renamed_flags_still_work_and_warn(command, old, value, dest, expected):
-    new = flag(RENAMED[old.removeprefix("--").replace("-", "_")])
-    with pytest.warns(FutureWarning, match=f"{old} is deprecated .* use {new}"):
-        args = build_parser().parse_args([*command, old, value])
-    assert getattr(args, dest) == expected
-    assert getattr(build_parser().parse_args([*command, new, value]), dest) == expected
-
-
-def test_calibrate_requires_the_budget_under_its_new_name(capsys):
+def test_one_name_per_option(command, old, capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["calibrate", "--model", "m", "--data", "d"])
-    assert "--executed-fraction" in capsys.readouterr().err
+        build_parser().parse_args([*command, old, "0.5"])
+    assert f"unrecognized arguments: {old}" in capsys.readouterr().err
 
 
-def test_renamed_manifest_keys_still_work_and_warn(tmp_path):
-    member = {
-        "base": "org/base", "repo_id": "org/m", "routing": {"threshold": 0.4},
-        "fit": {"target": 0.8, "data": ["a.txt"], "sink_tokens": 2},
-        "train": {"data": ["a.txt"], "lr": 0.001, "router_lr": 0.01, "target": 0.8},
-        "calibrate": {"target": 0.75, "data": ["a.txt"]},
-    }
-    (tmp_path / "releases.yaml").write_text(yaml.safe_dump({"members": {"m": member}}))
-    with pytest.warns(FutureWarning) as caught:
-        [planned] = plan_release(load_manifest(tmp_path / "releases.yaml"), None, work_dir=str(tmp_path))
-    messages = " ".join(str(w.message) for w in caught)
-    for old, new in (("routing.threshold", "routing.router_threshold"), ("fit.target", "fit.executed_fraction"),
-                     ("fit.sink_tokens", "fit.routing_sink_tokens"), ("train.lr", "train.learning_rate"),
-                     ("train.router_lr", "train.router_learning_rate"), ("calibrate.target",
-                                                                        "calibrate.executed_fraction")):
-        assert f"members.m.{old} is deprecated" in messages and f"use members.m.{new}" in messages
-    steps = {s.name: build_parser().parse_args(s.argv) for s in planned.steps if s.name != "push"}
-    assert steps["convert"].router_threshold == 0.4
-    assert (steps["fit"].executed_fraction, steps["fit"].routing_sink_tokens) == (0.8, 2)
-    assert (steps["train"].learning_rate, steps["train"].router_learning_rate) == (0.001, 0.01)
-    assert steps["train"].executed_fraction == 0.8 and steps["calibrate"].executed_fraction == 0.75
+def test_a_missing_required_setting_names_it(capsys):
+    assert cli(["calibrate", "--model", "m", "--data", "d"]) == 2
+    assert "modification calibrate: error: calibrate.executed_fraction: is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["demo", "--help"]])
+def test_help_imports_no_torch(argv):
+    """Command modules import what is heavy inside `run`; the parser is built only for the command asked for."""
+    code = ("import sys\nfrom modification.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert result.stdout.rstrip().endswith("torch imported: False"), result.stdout[-500:] + result.stderr[-2000:]
 
 
 def test_readme_lists_every_routing_flag():

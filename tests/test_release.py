@@ -1,9 +1,13 @@
-"""`modification release`: the manifest, the exact command lines of each step, dry runs, a demo release run
-through convert and push (to the loopback Hub stub) with the steps that exist in this version, and a CPU release with
-fitted routers, symbolic texts, a card and a dry-run push (the chain of the smollm2-135m-instruct member, on a tiny
-model)."""
+"""`modification release`: the manifest, the settings of each step (as command lines), dry runs, a demo release run
+through convert and push (to the loopback Hub stub), a CPU release with fitted routers, symbolic texts, a card and a
+dry-run push (the chain of the smollm2-135m-instruct member, on a tiny model), and a member that gives the same
+checkpoint and results as the same steps typed as commands."""
 
+import json
 import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -13,7 +17,8 @@ from publish_helpers import isolate_hub
 
 from modification.cli.main import build_parser
 from modification.cli.main import main as cli
-from modification.push_scripts.release import DEFAULT_MANIFEST, STEPS, load_manifest, plan_release
+from modification.cli.options import settings_from_args
+from modification.push_scripts.release import DEFAULT_MANIFEST, load_manifest, plan_release
 
 
 # The steps of a member without `fit` and `card` sections (the GPU members), and of the CPU member.
@@ -24,7 +29,7 @@ CPU_MEMBER = "smollm2-135m-instruct"
 def _write_manifest(tmp_path, base, **member_overrides) -> str:
     member = {
         "base": str(base), "base_model": "test-org/tiny-llama", "repo_id": "test-org/demo-mod",
-        "routing": {"routed_layers": [1, 3], "router_threshold": [0.5, 0.6]},
+        "convert": {"routing": {"routed_layers": [1, 3], "router_threshold": [0.5, 0.6]}},
         "train": {"data": ["tiny.txt"], "steps": 3, "learning_rate": "1e-3"},
         "calibrate": {"data": "calib.txt"},
         **member_overrides,
@@ -33,7 +38,7 @@ def _write_manifest(tmp_path, base, **member_overrides) -> str:
         "version": 1,
         "work_dir": str(tmp_path / "work"),
         "defaults": {
-            "routing": {"router_kind": "threshold", "gate_mode": "exact"},
+            "convert": {"routing": {"router_kind": "threshold", "gate_mode": "exact"}},
             "train": {"recipe": "routers", "seq_len": 64, "learning_rate": 1.0e-4},
             "calibrate": {"executed_fraction": 0.75},
             "eval": {"data": ["held-out.txt"], "tasks": ["cloze", "copy"]},
@@ -46,30 +51,30 @@ def _write_manifest(tmp_path, base, **member_overrides) -> str:
     return str(path)
 
 
-def test_each_step_gets_the_exact_command_line(tmp_path):
+def test_each_step_gets_its_settings(tmp_path):
     manifest = _write_manifest(tmp_path, "/models/tiny-base", license="mit")
     [member] = plan_release(load_manifest(manifest), ["demo"])
     w = str(tmp_path / "work" / "demo")
     assert [s.name for s in member.steps] == CLASSIC_STEPS
-    assert [s.argv for s in member.steps] == [
-        ["convert", "--base", "/models/tiny-base", "--out", f"{w}/converted", "--router-kind", "threshold",
-         "--routed-layers", "1,3", "--router-threshold", "0.5,0.6", "--gate-mode", "exact"],
-        ["train", "--model", f"{w}/converted", "--out", f"{w}/trained", "--data", "tiny.txt", "--recipe", "routers",
-         "--steps", "3", "--seq-len", "64", "--learning-rate", "0.001"],
-        ["calibrate", "--model", f"{w}/trained", "--out", f"{w}/calibrated", "--data", "calib.txt",
-         "--executed-fraction", "0.75", "--seq-len", "64"],
-        ["eval", "--model", f"{w}/calibrated", "--base", "/models/tiny-base", "--data", "held-out.txt",
-         "--tasks", "cloze,copy"],
-        ["push", "--checkpoint", f"{w}/calibrated", "--repo-id", "test-org/demo-mod", "--base-model",
-         "test-org/tiny-llama", "--license", "mit", "--private"],
+    assert [s.command() for s in member.steps] == [
+        f"modification convert --base /models/tiny-base --out {w}/converted --router-kind threshold --gate-mode exact "
+        "--routed-layers 1,3 --router-threshold 0.5,0.6",
+        f"modification train --model {w}/converted --data tiny.txt --out {w}/trained --recipe routers --steps 3 "
+        "--seq-len 64 --learning-rate 0.001",
+        f"modification calibrate --model {w}/trained --data calib.txt --out {w}/calibrated --executed-fraction 0.75 "
+        "--seq-len 64",
+        f"modification eval --model {w}/calibrated --data held-out.txt --base /models/tiny-base --tasks cloze,copy",
+        f"modification push --checkpoint {w}/calibrated --repo-id test-org/demo-mod --private --base-model "
+        "test-org/tiny-llama --license mit",
     ]
     # skipping train and calibrate hands the converted folder straight to eval and push
-    manifest = _write_manifest(tmp_path, "org/base", train=None, calibrate=None, eval={"extra_args": ["--limit", "8"]})
+    manifest = _write_manifest(tmp_path, "org/base", train=None, calibrate=None, eval={"limit": 8})
     [member] = plan_release(load_manifest(manifest), None)
     assert [s.name for s in member.steps] == ["convert", "eval", "push"]
-    assert member.steps[1].argv == ["eval", "--model", f"{w}/converted", "--base", "org/base", "--data",
-                                    "held-out.txt", "--tasks", "cloze,copy", "--limit", "8"]
-    assert member.steps[2].argv[:3] == ["push", "--checkpoint", f"{w}/converted"]
+    evaluation = member.steps[1].settings
+    assert (evaluation.model, evaluation.base, evaluation.data, evaluation.tasks, evaluation.limit) == (
+        f"{w}/converted", "org/base", ["held-out.txt"], ["cloze", "copy"], 8.0)
+    assert member.steps[2].settings.checkpoint == f"{w}/converted"
 
 
 def test_shipped_manifest_plans_every_member_in_a_dry_run(capsys):
@@ -80,23 +85,26 @@ def test_shipped_manifest_plans_every_member_in_a_dry_run(capsys):
     for member in members:
         expected = ["convert", "fit", "eval", "card", "push"] if member.name == CPU_MEMBER else CLASSIC_STEPS
         assert [s.name for s in member.steps] == expected, member.name
-        assert "--license" in member.steps[-1].argv and "--base-model" in member.steps[-1].argv
-        for step in member.steps:
-            parser.parse_args(step.argv)  # every planned command line is one this version's parser takes
+        push = member.steps[-1].settings
+        assert push.license and push.base_model, member.name
+        for step in member.steps:  # every step, typed as the plan prints it, runs with the same settings
+            settings = settings_from_args(type(step.settings), parser.parse_args(shlex.split(step.command())[1:]))
+            assert settings == step.settings
     assert cli(["release", "--all", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("modification push --checkpoint") == len(members)
     assert "dry run: nothing was run" in out
-    assert "[missing" not in out  # every step is a command of this version
 
 
 @pytest.mark.parametrize("change,message", [
     ({"train": {"recipe": "everything"}}, "members.demo.train.recipe: must be one of routers, lora, full"),
-    ({"routing": {"thresold": 0.5}}, "members.demo.routing: unknown key(s) thresold"),
+    ({"convert": {"routing": {"thresold": 0.5}}}, "members.demo.convert.routing: unknown key(s) thresold"),
     ({"repo_id": "no-org"}, "members.demo.repo_id: must look like org/name"),
     ({"calibrate": {"executed_fraction": "most"}}, "members.demo.calibrate.executed_fraction: must be a number"),
     ({"train": {"steps": 2.5}}, "members.demo.train.steps: must be an integer"),
-    ({"routing": {"topk_capacity": [0.5]}}, "members.demo.routing.topk_capacity: must be a number"),
+    ({"convert": {"routing": {"topk_capacity": [0.5]}}},
+     "members.demo.convert.routing.topk_capacity: must be a number"),
+    ({"eval": {"extra_args": ["--limit", "8"]}}, "members.demo.eval: unknown key(s) extra_args"),
 ])
 def test_manifest_mistakes_name_the_field(tmp_path, capsys, change, message):
     manifest = _write_manifest(tmp_path, "org/base", **change)
@@ -106,17 +114,11 @@ def test_manifest_mistakes_name_the_field(tmp_path, capsys, change, message):
     assert "unknown member(s) nobody" in capsys.readouterr().err
 
 
-def test_missing_step_commands_fail_before_anything_runs(tmp_path, capsys, monkeypatch):
-    import modification.push_scripts.release as release
-
+def test_bad_settings_of_a_later_step_fail_before_anything_runs(tmp_path, capsys):
     base = save_base("llama", tmp_path / "base")
-    manifest = _write_manifest(tmp_path, base)
-    # as with an older install of the package that lacks some commands
-    monkeypatch.setattr(release, "available_commands", lambda: {"convert", "push"})
+    manifest = _write_manifest(tmp_path, base, push={"private": "sometimes"})
     assert cli(["release", "--manifest", manifest, "--members", "demo"]) == 2
-    err = capsys.readouterr().err
-    assert re.search(r"step\(s\) train, calibrate, eval cannot run: .* no `modification train`", err)
-    assert "nothing was run" in err
+    assert "members.demo.push.private: must be true or false, got 'sometimes'" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
 
 
@@ -187,28 +189,24 @@ def test_full_release_chain_runs_every_step_to_the_loopback_hub(tmp_path, monkey
 
 def test_cpu_member_fits_on_symbolic_texts_and_dry_runs_the_push():
     [member] = plan_release(load_manifest(DEFAULT_MANIFEST), [CPU_MEMBER], work_dir="work")
-    steps = {s.name: s.argv for s in member.steps}
+    steps = {s.name: s.settings for s in member.steps}
     w = f"work/{CPU_MEMBER}"
-    assert steps["convert"][:5] == ["convert", "--base", "smollm2-135m-instruct", "--out", f"{w}/converted"]
-    assert steps["convert"][-2:] == ["--dtype", "float32"]
-    fit = steps["fit"]
-    assert fit[:5] == ["fit", "--model", f"{w}/converted", "--out", f"{w}/fitted"]
-    args = build_parser().parse_args(fit)
-    assert args.data == [f"{w}/texts/{kind}-train.txt" for kind in ("shakespeare", "kjv", "gcide")]
-    assert args.command == "fit" and args.executed_fraction == 0.8 and not hasattr(args, "routed_layers")
-    evaluation = steps["eval"]
-    assert evaluation[:5] == ["eval", "--model", f"{w}/fitted", "--base", "smollm2-135m-instruct"]
-    assert [a for a in evaluation if a.endswith(".txt")] == [
-        f"{w}/texts/{kind}-held_out.txt" for kind in ("shakespeare", "kjv", "gcide")]
-    assert "--tasks" not in evaluation and evaluation[evaluation.index("--context-lengths") + 1] == "512"
-    assert steps["card"] == ["card", "--checkpoint", f"{w}/fitted", "--repo-id", member.repo_id, "--overwrite",
-                             "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--license", "apache-2.0"]
-    assert steps["push"][:3] == ["push", "--checkpoint", f"{w}/fitted"] and steps["push"][-1] == "--dry-run"
+    convert, fit, evaluation, card, push = steps.values()
+    assert (convert.base, convert.out, convert.dtype) == ("smollm2-135m-instruct", f"{w}/converted", "float32")
+    assert (fit.model, fit.out, fit.executed_fraction, fit.routed_layers) == (f"{w}/converted", f"{w}/fitted", 0.8,
+                                                                              "auto")
+    assert fit.data == [f"{w}/texts/{kind}-train.txt" for kind in ("shakespeare", "kjv", "gcide")]
+    assert (evaluation.model, evaluation.base) == (f"{w}/fitted", "smollm2-135m-instruct")
+    assert evaluation.data == [f"{w}/texts/{kind}-held_out.txt" for kind in ("shakespeare", "kjv", "gcide")]
+    assert evaluation.tasks is None and evaluation.context_lengths == [512]
+    assert card.command_line() == (f"modification card --checkpoint {w}/fitted --repo-id {member.repo_id} --overwrite "
+                                   "--base-model HuggingFaceTB/SmolLM2-135M-Instruct --license apache-2.0")
+    assert push.checkpoint == f"{w}/fitted" and push.dry_run
     # no local path in the manifest: every text is linked into the member's folder before the steps run
     assert {k: sorted(v) for k, v in member.texts.items()} == {
         k: ["held_out", "train"] for k in ("shakespeare", "kjv", "gcide")}
     for step in member.steps:
-        assert not any(a.startswith(("/", "~")) for a in step.argv), step.argv
+        assert not any(a.startswith(("/", "~")) for a in shlex.split(step.command())), step.command()
 
 
 @pytest.mark.parametrize("fit,message", [
@@ -267,3 +265,54 @@ def test_cpu_release_chain_with_fit_card_and_dry_run_push(tmp_path, monkeypatch,
     assert "license: mit" in card and "base_model: test-org/tiny-llama" in card
     for row in results["quality"]["perplexity"]:
         assert f"{row['mod']:.6g}" in card and f"{row['base']:.6g}" in card
+
+
+def _without(value, keys=("seconds", "created", "updated", "commands")):
+    """A JSON value without its timings and dates (and the commands that made it)."""
+    if isinstance(value, dict):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    return [_without(v, keys) for v in value] if isinstance(value, list) else value
+
+
+def test_a_member_and_the_same_steps_typed_as_commands_give_the_same_checkpoint(tmp_path, monkeypatch):
+    """The release runs a member's steps from their settings files; typing the same steps as flags, in a folder of
+    the same layout, gives the same weights, config and results (timings and dates aside)."""
+    from helpers import text_mod_checkpoint
+
+    _, train_txt, held_txt = text_mod_checkpoint(tmp_path / "model")
+    base = tmp_path / "model" / "base"
+    manifest = _write_manifest(
+        tmp_path, base, license="mit", train=None, calibrate=None, card={},
+        fit={"executed_fraction": 0.8, "data": [str(train_txt)], "seq_len": 64, "blocks_per_source": 4},
+        eval={"data": [str(held_txt)], "tasks": None, "context_lengths": [128], "max_tokens": 1500},
+        push={"dry_run": True},
+    )
+    isolate_hub(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for folder in ("release", "by-hand"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "release")
+    assert cli(["release", "--manifest", manifest, "--members", "demo", "--work-dir", "work"]) == 0
+    monkeypatch.chdir(tmp_path / "by-hand")
+    w = "work/demo"
+    for argv in (
+        ["convert", "--base", str(base), "--out", f"{w}/converted", "--router-kind", "threshold", "--gate-mode",
+         "exact", "--routed-layers", "1,3", "--router-threshold", "0.5,0.6"],
+        ["fit", "--model", f"{w}/converted", "--out", f"{w}/fitted", "--data", str(train_txt), "--executed-fraction",
+         "0.8", "--seq-len", "64", "--blocks-per-source", "4"],
+        ["eval", "--model", f"{w}/fitted", "--base", str(base), "--data", str(held_txt), "--context-lengths", "128",
+         "--max-tokens", "1500"],
+        ["card", "--checkpoint", f"{w}/fitted", "--repo-id", "test-org/demo-mod", "--overwrite", "--base-model",
+         "test-org/tiny-llama", "--license", "mit"],
+    ):  # typed in a shell: a process each, as the release runs them
+        assert subprocess.run([sys.executable, "-m", "modification.cli", *argv]).returncode == 0, argv
+    released, typed = (tmp_path / run / w / "fitted" for run in ("release", "by-hand"))
+    assert (released / "model.safetensors").read_bytes() == (typed / "model.safetensors").read_bytes()
+    for name in ("config.json", "results.json"):
+        release_json, typed_json = (json.loads((folder / name).read_text()) for folder in (released, typed))
+        assert _without(release_json) == _without(typed_json), name
+    results = json.loads((released / "results.json").read_text())
+    assert results["quality"]["perplexity"] and results["routing"]["calibration"]["fit"]["routed_layers"]
+    # the release records each step as the flags typed here: the same command
+    assert results["commands"] == json.loads((typed / "results.json").read_text())["commands"]

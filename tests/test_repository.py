@@ -111,7 +111,7 @@ def test_no_import_circles_between_modules():
 
 def test_layers_depend_one_way():
     """The model knows nothing of the toolkit; conversion knows nothing of evaluation, the CLI or publishing; only
-    the CLI's command modules and the release runner import the CLI."""
+    the CLI's own modules import the CLI (the release runs steps from their settings, not through the CLI)."""
     modules = _modules()
     for name, path in modules.items():
         imported = _imports(name, path, set(modules))
@@ -121,6 +121,7 @@ def test_layers_depend_one_way():
             "conversion": {"evaluation", "cli", "push_scripts", "model_cards"},
             "evaluation": {"cli", "push_scripts", "model_cards"},
             "model_cards": {"cli", "push_scripts", "evaluation"},
+            "push_scripts": {"cli"},
         }.get(part, set())
         bad = sorted(m for m in imported if m.split(".")[1] in forbidden)
         assert not bad, f"{name} imports {bad}"

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,8 +25,9 @@ def text_ckpt(tmp_path_factory):
     return text_mod_checkpoint(tmp_path_factory.mktemp("textmod"))
 
 
-def _settings(train_file, **kw):
-    base = dict(steps=4, seq_len=64, batch_size=2, logging_steps=1, save_steps=100, data=[str(train_file)])
+def _settings(mod, out, train_file, **kw):
+    base = dict(model=str(mod), out=str(out), steps=4, seq_len=64, batch_size=2, logging_steps=1, save_steps=100,
+                data=[str(train_file)], progress=False)
     base.update(kw)
     return TrainSettings(**base)
 
@@ -33,7 +35,7 @@ def _settings(train_file, **kw):
 def test_router_recipe_changes_only_routers(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
     (mod / "LICENSE").write_text("base licence")
-    out = train(str(mod), tmp_path / "out", _settings(train_file, recipe="routers", steps=3), progress=False)
+    out = train(_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=3))
     for name in ("tokenizer.json", "tokenizer_config.json", "LICENSE"):  # travel byte for byte
         assert (out / name).read_bytes() == (mod / name).read_bytes(), name
     results = json.loads((out / "results.json").read_text())
@@ -51,8 +53,8 @@ def test_lora_adapter_round_trips_and_merged_checkpoint_matches(text_ckpt, tmp_p
     from peft import PeftModel
 
     mod, train_file, _ = text_ckpt
-    out = train(str(mod), tmp_path / "out", _settings(train_file, recipe="lora", steps=3, learning_rate=1e-2),
-                save_adapter=True, progress=False)
+    out = train(_settings(mod, tmp_path / "out", train_file, recipe="lora", steps=3, learning_rate=1e-2,
+                          save_adapter=True))
     ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     merged = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     original = MoDForCausalLM.from_pretrained(mod).eval()
@@ -69,9 +71,9 @@ def test_lora_adapter_round_trips_and_merged_checkpoint_matches(text_ckpt, tmp_p
 
 def test_load_objective_lowers_executed_fraction_on_real_text(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
-    settings = _settings(train_file, recipe="routers", steps=25, load_loss_coef=1.0, router_learning_rate=0.05,
-                         logging_steps=5)
-    out = train(str(mod), tmp_path / "out", settings, progress=False)
+    settings = _settings(mod, tmp_path / "out", train_file, recipe="routers", steps=25, load_loss_coef=1.0,
+                         router_learning_rate=0.05, logging_steps=5)
+    out = train(settings)
     log = [row for row in json.loads((out / "training_log.json").read_text()) if "executed_fraction" in row]
     assert log[0]["step"] == 1 and "routed/layer_1" in log[0] and "gate/layer_1" in log[0]
     assert log[0]["executed_fraction"] == 1.0
@@ -81,11 +83,12 @@ def test_load_objective_lowers_executed_fraction_on_real_text(text_ckpt, tmp_pat
 
 def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
     mod, train_file, held_file = text_ckpt
-    trained = train(str(mod), tmp_path / "trained", _settings(train_file, recipe="routers", steps=25,
-                    load_loss_coef=1.0, router_learning_rate=0.05), progress=False)
-    settings = CalibrateSettings(executed_fraction=0.8, data=[str(train_file)], seq_len=128, max_blocks=24,
-                                 held_out_fraction=0.0)
-    record = calibrate_checkpoint(str(trained), settings, out=str(tmp_path / "cal"), progress=False)
+    trained = train(_settings(mod, tmp_path / "trained", train_file, recipe="routers", steps=25, load_loss_coef=1.0,
+                              router_learning_rate=0.05))
+    settings = CalibrateSettings(model=str(trained), out=str(tmp_path / "cal"), executed_fraction=0.8,
+                                 data=[str(train_file)], seq_len=128, max_blocks=24, held_out_fraction=0.0,
+                                 progress=False)
+    record = calibrate_checkpoint(settings)
     assert abs(record["measured_executed_fraction"] - 0.8) < 0.01
     # held-out text: works the calibration never saw
     model = MoDForCausalLM.from_pretrained(tmp_path / "cal").eval()
@@ -109,17 +112,17 @@ def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
 
 def test_resume_continues_from_saved_step(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
-    settings = _settings(train_file, recipe="routers", steps=4, save_steps=2, router_learning_rate=0.05,
-                         load_loss_coef=1.0)
     ckpts = tmp_path / "ckpts"
-    full = train(str(mod), tmp_path / "full", settings, checkpoint_dir=ckpts, progress=False)
+    settings = _settings(mod, tmp_path / "full", train_file, recipe="routers", steps=4, save_steps=2,
+                         router_learning_rate=0.05, load_loss_coef=1.0, checkpoint_dir=str(ckpts))
+    full = train(settings)
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
     with pytest.raises(FileExistsError, match="--resume"):
-        train(str(mod), tmp_path / "again", settings, checkpoint_dir=ckpts, progress=False)
+        train(replace(settings, out=str(tmp_path / "again")))
     import shutil
 
     shutil.rmtree(ckpts / "checkpoint-4")  # as if the run had stopped after step 2
-    resumed = train(str(mod), tmp_path / "resumed", settings, checkpoint_dir=ckpts, resume=True, progress=False)
+    resumed = train(replace(settings, out=str(tmp_path / "resumed"), resume=True))
     steps = [row["step"] for row in json.loads((resumed / "training_log.json").read_text()) if "loss" in row]
     assert steps == [1, 2, 3, 4]  # the history of steps 1-2 comes from the checkpoint, 3-4 from this run
     record = json.loads((resumed / "results.json").read_text())["training"]
@@ -128,7 +131,7 @@ def test_resume_continues_from_saved_step(text_ckpt, tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(str(mod), tmp_path / "x", settings, checkpoint_dir=tmp_path / "empty", resume=True, progress=False)
+        train(replace(settings, out=str(tmp_path / "x"), checkpoint_dir=str(tmp_path / "empty"), resume=True))
 
 
 def test_two_process_accelerate_run(text_ckpt, tmp_path):
@@ -156,11 +159,11 @@ def test_bad_training_input_gives_clear_errors(text_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     with pytest.raises(DataError, match="fewer than seq_len"):
-        train(str(mod), tmp_path / "o1", _settings(empty), progress=False)
+        train(_settings(mod, tmp_path / "o1", empty))
     with pytest.raises(DataError, match="does not exist"):
-        train(str(mod), tmp_path / "o2", _settings(tmp_path / "missing.txt"), progress=False)
+        train(_settings(mod, tmp_path / "o2", tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        train(str(mod), tmp_path / "o3", _settings(train_file, seq_len=4096), progress=False)
+        train(_settings(mod, tmp_path / "o3", train_file, seq_len=4096))
     base_dir = mod.parent / "base"
     assert cli(["train", "--model", str(base_dir), "--out", str(tmp_path / "o4"), "--data", str(train_file)]) == 2
     assert "not a MoD checkpoint" in capsys.readouterr().err
