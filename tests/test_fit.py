@@ -309,7 +309,7 @@ def test_fitted_routers_reach_the_budget_on_held_out_text_of_the_real_base():
     costs = record.removal_cost["attention"]
     worst = sorted(range(len(costs)), key=lambda j: -costs[j])[:3]
     assert not set(worst) & set(record.routed_layers), (worst, record.routed_layers)
-    assert 0 not in record.routed_layers and 29 not in record.routed_layers
+    assert 0 not in record.routed_layers
     # quality (a loose bound): the fitted model at 0.9 loses less than 0.5 nats per token against the dense model
     dense_loss = mean_loss(model, held_batches)
     assert mean_loss(fitted, held_batches) - dense_loss < 0.5
