@@ -1,9 +1,12 @@
 """Quality vs compute on a real pretrained model (issue 9, item 5): SmolLM2-135M-Instruct (dequantised from Q4_1).
 
 Held-out perplexity (non-overlapping blocks spread over each held-out text: Shakespeare, KJV, GCIDE) and last-word
-(LAMBADA-style) accuracy at several executed fractions, for:
+(LAMBADA-style) accuracy at several KV fractions (K/V entries written over the dense model's; the JSON's per-text
+`executed_fraction` is that share counted from the routers' decisions, which with whole-block routing is also the
+share of token-layer work that runs), for:
 
-- `fitted`: MoDification threshold-p, `fit_routers` on calibration blocks of the train texts, no training;
+- `fitted`: MoDification threshold-p, `fit_routers` on calibration blocks of the train texts, no training, routing
+  `--granularity` (the fit's default: attention);
 - `routers` / `lora`: fitted, then trained with the `routers` / `lora` recipe, thresholds recalibrated;
 - `topk`: original MoD top-k (uniform capacity) on the fitted plan's layers, routers fitted as `fit_routers` fits them
   and trained with the `routers` recipe (top-k BCE), evaluated causally: threshold routing on the same router
@@ -35,7 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,21 +46,22 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from modification.conversion.atomic import atomic_write_text
 from modification.conversion.bases import fetch_base
-from modification.conversion.calibrate import calibrate_thresholds, planned_fractions
+from modification.conversion.budget import Budget
+from modification.conversion.calibrate import calibrate_thresholds
 from modification.conversion.checkpoint import load_mod_model, save_checkpoint
 from modification.conversion.convert import convert_model
 from modification.conversion.data import load_blocks
 from modification.conversion.fit import (
-    LayerMeasurements, calibration_batches, fit_layer_routers, fit_routers, fit_settings_record,
-    fold_thresholds_into_biases, measure_layers, model_for_plan, routable_layers, with_routed_layers,
+    LayerMeasurements, calibration_batches, candidate_layers, fit_routers, fit_settings_record, fitted_router_weights,
+    fold_thresholds_into_biases, measure_layers, model_for_plan, routable_layers, with_plan,
 )
-from modification.conversion.settings import FitSettings, TrainSettings, data_fields
+from modification.conversion.settings import FitOptions, TrainSettings
 from modification.conversion.texts import prepare_texts
 from modification.conversion.train import train
 from modification.evaluation.benchmark import describe_device
 from modification.evaluation.last_word import clean_boundary_examples, last_word_accuracy
 from modification.evaluation.quality import score_window
-from modification.modeling import MoDForCausalLM
+from modification.modeling import MoDForCausalLM, RoutingPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["fitted", "routers", "lora", "topk", "removal", "removal+lora", "random"]
@@ -78,8 +82,8 @@ class Curve:
     tokenizer: object
     base: LlamaForCausalLM
     held_out: dict  # text kind -> {"blocks": [1-D token blocks], "examples": [last-word examples]}
-    fit_settings: FitSettings  # FitSettings' defaults but for the calibration text
-    train_settings: TrainSettings  # of every trained variant, but for the recipe
+    fit_options: FitOptions  # of every fit, but for the budget
+    train_fields: dict  # TrainSettings fields of every trained variant, but for the folders and the recipe
     calib: list[dict]
     measured: LayerMeasurements  # of the converted base on `calib`, shared by every fit
     shortgpt_order: list[int]  # layers by falling input/output cosine: ShortGPT's removal order
@@ -102,8 +106,8 @@ def held_out_text(path: Path, tokenizer, args) -> dict:
 
 
 def evaluate(model, curve: Curve) -> dict:
-    """Per held-out text: perplexity of every token after the first of each block, the executed fraction (share of the
-    base's token-layer work that ran) and last-word accuracy."""
+    """Per held-out text: perplexity of every token after the first of each block, the share of the base's
+    token-layers whose K/V was written (`executed_fraction`: the KV fraction) and last-word accuracy."""
     is_mod = isinstance(model, MoDForCausalLM)
     out, base_layers = {}, curve.base.config.num_hidden_layers
     for kind, text in curve.held_out.items():
@@ -125,30 +129,29 @@ def evaluate(model, curve: Curve) -> dict:
 
 
 def fitted(curve: Curve, f: float):
-    settings = replace(curve.fit_settings, executed_fraction=f)
-    model, record = fit_routers(convert_model(curve.base), curve.calib, settings, progress=False,
+    options = replace(curve.fit_options, kv_fraction=f)
+    model, record = fit_routers(convert_model(curve.base), curve.calib, options, progress=False,
                                 measured=curve.measured)
     fold_thresholds_into_biases(model)
+    plan = RoutingPlan.from_config(model.config)
     curve.result["plans"].setdefault(str(f), {}).update(
-        chosen_plan=record.chosen_plan, planned_skip=record.planned_skip, plan_loss_increase=record.plan_loss_increase,
+        chosen_plan=record.chosen_plan, plan=record.plan, plan_fractions=record.plan_fractions, plans=record.plans,
+        # the report's form: layer -> share of its tokens skipped
+        planned_skip={str(j): round(1.0 - r, 4) for j, r in zip(plan.routed_layers, plan.routed_share)},
         fit_seconds=record.seconds)
     return model, {"fit_seconds": record.seconds}
 
 
-def planned_skip(model: MoDForCausalLM) -> dict[int, float]:
-    return {int(j): s for j, s in model.config.calibration["fit"]["planned_skip"].items()}
-
-
 def skips_whole_layers(fit: MoDForCausalLM | None) -> bool:
     """Whether the fitted plan skips whole layers only (but the sinks): then no router decides anything."""
-    return fit is not None and all(s >= 1.0 - 1e-9 for s in planned_skip(fit).values())
+    return fit is not None and all(r <= 0.0 for r in RoutingPlan.from_config(fit.config).routed_share)
 
 
-def random_routers(curve: Curve, fit: MoDForCausalLM):
+def random_routers(curve: Curve, fit: MoDForCausalLM, f: float):
     gen = torch.Generator().manual_seed(1)
-    plan = planned_skip(fit)
-    weights = {j: torch.randn((1, fit.config.hidden_size), generator=gen) * 0.05 for j in sorted(plan)}
-    return model_for_plan(fit, plan, weights, curve.fit_settings, curve.calib), {}
+    plan = RoutingPlan.from_config(fit.config)
+    weights = {j: torch.randn((1, fit.config.hidden_size), generator=gen) * 0.05 for j in plan.routed_layers}
+    return model_for_plan(fit, plan, weights, replace(curve.fit_options, kv_fraction=f), curve.calib), {}
 
 
 def trained(curve: Curve, model: MoDForCausalLM, recipe: str, name: str) -> tuple[Path, dict]:
@@ -157,10 +160,10 @@ def trained(curve: Curve, model: MoDForCausalLM, recipe: str, name: str) -> tupl
     source, out = curve.workdir / f"{name}-in", curve.workdir / name
     save_checkpoint(model, source, companions_from=curve.base_dir)
     start = time.perf_counter()
-    train(str(source), out, replace(curve.train_settings, recipe=recipe), progress=False)
+    train(TrainSettings(model=str(source), out=str(out), recipe=recipe, progress=False, **curve.train_fields))
     seconds = round(time.perf_counter() - start, 1)
     shutil.rmtree(source)
-    keys = ("step", "loss", "lm_loss", "routing_loss", "executed_fraction")
+    keys = ("step", "loss", "lm_loss", "routing_loss", "kv_fraction")
     history = json.loads((out / "training_log.json").read_text())
     return out, {"seconds": seconds, "log": [{k: h[k] for k in keys if k in h} for h in history if "loss" in h]}
 
@@ -168,26 +171,33 @@ def trained(curve: Curve, model: MoDForCausalLM, recipe: str, name: str) -> tupl
 def recipe_variant(curve: Curve, fit: MoDForCausalLM, recipe: str, f: float):
     folder, training = trained(curve, fit, recipe, f"{recipe}-{f}")
     model, _ = load_mod_model(str(folder), dtype=torch.float32)
-    calibrate_thresholds(model, curve.calib, f, routed_fractions=planned_fractions(model.config, f), progress=False)
+    calibrate_thresholds(model, curve.calib, Budget(kv_fraction=f), progress=False)  # the fit's plan, brought to f
     return model, {"training": training}
 
 
 def topk(curve: Curve, fit: MoDForCausalLM, f: float):
-    settings = replace(curve.fit_settings, executed_fraction=f)
-    budget = (1.0 - f) * fit.config.num_hidden_layers
-    layers, note = sorted(planned_skip(fit)), "the fitted plan's layers, uniform capacity"
+    """Original MoD: top-k over whole blocks (its granularity), routers fitted on the block Fisher scores."""
+    options = replace(curve.fit_options, kv_fraction=f)
+    n_layers = fit.config.num_hidden_layers
+    budget = (1.0 - f) * n_layers
+    layers, note = list(RoutingPlan.from_config(fit.config).routed_layers), "the fitted plan's layers, uniform capacity"
     if 1.0 - budget / len(layers) < 0.25:  # the plan skips (nearly) whole layers: spread the same budget, MoD-style
-        ranked = routable_layers(curve.measured.removal_costs, settings)
-        layers = sorted(ranked[: math.ceil(budget / settings.max_skip)])
+        candidates, _ = candidate_layers(curve.measured, options, n_layers)
+        ranked, _, _ = routable_layers(curve.measured, options, candidates)
+        layers = sorted(ranked[: math.ceil(budget / options.max_skip)])
         note = f"the fitted plan skips whole layers; top-k routes the {len(layers)} cheapest layers by measured cost"
     capacity = round(1.0 - budget / len(layers), 6)
-    model = with_routed_layers(fit, layers, routing_sink_tokens=settings.routing_sink_tokens, router_kind="topk",
-                               topk_capacity=capacity)
-    fit_layer_routers(model, layers, curve.measured, curve.calib, settings)
+    plan = RoutingPlan(n_layers, layers, [capacity] * len(layers), ["block"] * len(layers))
+    model = with_plan(fit, plan, routing_sink_tokens=options.routing_sink_tokens, router_kind="topk",
+                      topk_capacity=capacity)
+    weights = fitted_router_weights(model, {j: "block" for j in layers}, curve.measured, curve.calib, options)
+    with torch.no_grad():
+        for j, weight in weights.items():
+            model.model.layers[j].router.weight.copy_(weight)
     model.config.calibration = None
     folder, training = trained(curve, model, "routers", f"topk-{f}")
     causal = MoDForCausalLM.from_pretrained(folder, router_kind="threshold", router_threshold=0.5, dtype=torch.float32)
-    calibrate_thresholds(causal, curve.calib, f, progress=False)
+    calibrate_thresholds(causal, curve.calib, Budget(kv_fraction=f), progress=False)
     curve.result["plans"][str(f)]["topk"] = {"layers": layers, "capacity": round(capacity, 4), "note": note}
     return causal, {"training": training, "routed_layers": layers, "capacity": round(capacity, 4)}
 
@@ -262,7 +272,7 @@ def choose_threads(curve: Curve, what: str) -> None:
 
 
 def measure(curve: Curve, variant: str, f: float, build):
-    """Build one variant at executed fraction `f` (`build()` returns the model and what to record with it), evaluate
+    """Build one variant at KV fraction `f` (`build()` returns the model and what to record with it), evaluate
     it, record it and save the JSON; returns the model. Past the time budget, or on an error, that is recorded
     instead (and None returned), and the run goes on."""
     result = curve.result
@@ -311,7 +321,7 @@ def run_variants(curve: Curve) -> None:
         if "random" in wanted and skips_whole_layers(fit):
             same_as_fitted(curve, "random", f)
         elif "random" in wanted and fit is not None:
-            measure(curve, "random", f, lambda: random_routers(curve, fit))
+            measure(curve, "random", f, lambda: random_routers(curve, fit, f))
         if "removal" in wanted:
             measure(curve, "removal", f, lambda: removal(curve, f))
         if f not in trained_at:
@@ -338,30 +348,32 @@ def run(args, base_dir: Path, texts: dict[str, dict[str, Path]]) -> dict:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    settings = FitSettings(data=[str(t["train"]) for t in texts.values()], seq_len=args.calib_seq_len,
-                           blocks_per_source=args.calib_blocks, held_out_fraction=0.0)
-    calib, _ = calibration_batches(settings.data, tokenizer, settings.seq_len, settings.blocks_per_source,
-                                   settings.held_out_fraction, progress=False)
+    data = [str(t["train"]) for t in texts.values()]
+    calib, _ = calibration_batches(data, tokenizer, args.calib_seq_len, args.calib_blocks, 0.0, progress=False)
+    options = FitOptions(kv_fraction=1.0, routing_granularity=args.granularity)  # each fit replaces the budget
     held_out = {kind: held_out_text(paths["held_out"], tokenizer, args) for kind, paths in texts.items()}
     start = time.perf_counter()
-    measured = measure_layers(convert_model(base), calib, settings, progress=False)
+    measured = measure_layers(convert_model(base), calib, options, progress=False)
     measured_seconds = time.perf_counter() - start
     order, cosine = shortgpt_order(base, calib)
-    train_settings = TrainSettings(data=settings.data, steps=args.steps, seq_len=args.train_seq_len,
-                                   batch_size=args.batch_size, save_steps=10**6, logging_steps=max(1, args.steps // 5),
-                                   max_tokens_per_source=args.train_tokens_per_source)
-    train_record = {k: v for k, v in asdict(train_settings).items() if k not in data_fields() + ("recipe",)}
+    train_fields = dict(data=data, steps=args.steps, seq_len=args.train_seq_len, batch_size=args.batch_size,
+                        save_steps=10**6, logging_steps=max(1, args.steps // 5),
+                        max_tokens_per_source=args.train_tokens_per_source)
+    train_record = {k: v for k, v in train_fields.items() if k != "data"}
     result = {
         "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "texts": list(texts),
                      "calibration_tokens": sum(b["input_ids"].numel() for b in calib),
-                     "fit": fit_settings_record(settings), "train": train_record},
+                     "fit": {k: v for k, v in fit_settings_record(options).items() if k != "kv_fraction"},
+                     "train": train_record},
         "hardware": {**describe_device(torch.device("cpu")), "cores_visible": os.cpu_count()},
         "base": None, "results": {}, "plans": {}, "training": {}, "skipped_for_time": [], "thread_choices": [],
         "timings": {"layer_measurements": round(measured_seconds, 1)},
-        "layer_removal_cost": [round(c, 5) for c in measured.removal_costs],
+        "layer_removal_cost": {g: [round(c, 5) for c in costs] for g, costs in measured.removal_costs.items()},
+        "layer_lookup_accuracy": {"dense": measured.dense_lookup, **{
+            g: {str(j): round(a, 4) for j, a in accuracy.items()} for g, accuracy in measured.lookup.items()}},
         "shortgpt_cosine": [round(c, 5) for c in cosine],
     }
-    curve = Curve(args, base_dir, tokenizer, base, held_out, settings, train_settings, calib, measured, order,
+    curve = Curve(args, base_dir, tokenizer, base, held_out, options, train_fields, calib, measured, order,
                   Path(tempfile.mkdtemp(prefix="quality_curve_")), result)
     log(f"data ready: {len(calib)} calibration blocks, layers measured in {measured_seconds:.0f} s")
     try:
@@ -381,7 +393,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--base", default="smollm2-135m-instruct", help="a fetch-base name or a Llama folder")
     parser.add_argument("--texts", type=lambda s: s.split(","), default=["shakespeare", "kjv", "gcide"])
-    parser.add_argument("--fractions", type=floats, default=[0.9, 0.8, 0.75, 0.7])
+    parser.add_argument("--fractions", type=floats, default=[0.9, 0.8, 0.75, 0.7], help="KV fractions")
+    parser.add_argument("--granularity", default=FitOptions.__dataclass_fields__["routing_granularity"].default,
+                        choices=["attention", "block", "auto"], help="what the fitted routers' skipped tokens skip")
     parser.add_argument("--trained-fractions", type=floats, default=[0.9, 0.8], help="where trained variants run")
     parser.add_argument("--variants", type=lambda s: s.split(","), default=VARIANTS)
     parser.add_argument("--steps", type=int, default=20, help="training steps of every trained variant")

@@ -1,18 +1,19 @@
-"""The paper's central claim at small scale: threshold-p MoDification vs top-k MoD at matched executed compute.
+"""The paper's central claim at small scale: threshold-p MoDification vs top-k MoD at matched compute (KV fraction).
 
 On the demo base model (a small Llama trained on the demo corpus, see `modification demo`), convert three ways, train
 each with the same budget (recipe, steps, batch, sequence length, learning rates, data), bring each to the same
-executed fraction, and compare held-out perplexity with the dense base:
+KV fraction (every layer routes whole blocks, so it is also the share of token-layer work that runs), and compare
+held-out perplexity with the dense base:
 
 - MoDification, threshold-p router, `exact` gate (our default): trained with the layer-load objective in its target
   form, then thresholds calibrated to the target;
 - MoDification, threshold-p router, `scale` gate (the paper's `h + g * f(h)`): same;
-- original MoD, top-k router (capacity chosen for the same executed fraction), `scale` gate, router trained with the
+- original MoD, top-k router (capacity chosen for the same KV fraction), `scale` gate, router trained with the
   auxiliary BCE loss. Top-k is non-causal, so it is evaluated twice: as trained (each window's top-k, which
   generation cannot do), and with the causal rule generation uses (`sigmoid(logit) >= 0.5`).
 
 Also the layer-load objective's bistability: router-only runs with the paper's form at several alpha, and with the
-target form, logging the executed fraction from step one.
+target form, logging the KV fraction from step one.
 
 Writes docs/results.json, docs/bistability.png and the two tables of docs/results.md (between its
 `topk_vs_threshold` and `bistability` markers; the text around them is written by people).
@@ -40,7 +41,7 @@ from modification.conversion.corpus import (
     CORPUS_DESCRIPTION, DemoBaseSettings, corpus_files, corpus_splits, pretrain_base,
 )
 from modification.evaluation.quality import evaluate_perplexity, tokenize_texts
-from modification.conversion.settings import CalibrateSettings, TrainSettings
+from modification.conversion.settings import CalibrateSettings, ConvertSettings, TrainSettings
 from modification.conversion.train import train
 from modification.modeling import MoDForCausalLM
 
@@ -63,7 +64,7 @@ def perplexity(model, base, stream, context: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=float, default=0.75, help="executed fraction for every variant")
+    parser.add_argument("--target", type=float, default=0.75, help="KV fraction for every variant")
     parser.add_argument("--recipe", default="lora", choices=["routers", "lora", "full"])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -93,23 +94,27 @@ def main() -> None:
     n_layers = base.config.num_hidden_layers
     n_routed = len(range(1, n_layers, 2))
     routed_fraction = (args.target * n_layers - (n_layers - n_routed)) / n_routed
-    calibrate_settings = CalibrateSettings(executed_fraction=args.target, data=data, seq_len=args.seq_len,
-                                           max_blocks=64, held_out_fraction=0.0)
+
+    def calibrate(model: Path, out: Path | None = None) -> None:
+        calibrate_checkpoint(CalibrateSettings(
+            model=str(model), out=None if out is None else str(out), kv_fraction=args.target, data=data,
+            seq_len=args.seq_len, max_blocks=64, held_out_fraction=0.0, progress=False))
 
     rows = []
     for name, spec in _variants(args.target, routed_fraction).items():
         folder = work / name.split(" ")[0].lower().replace("(", "") / spec["convert"]["gate_mode"]
-        convert_checkpoint(str(base_dir), folder / "converted", **spec["convert"])
-        settings = TrainSettings(
+        convert_checkpoint(ConvertSettings(base=str(base_dir), out=str(folder / "converted"),
+                                           routing=spec["convert"]))
+        trained = train(TrainSettings(
+            model=str(folder / "converted"), out=str(folder / "trained"), progress=False,
             recipe=args.recipe, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
             router_learning_rate=args.router_lr, data=data, save_steps=args.steps, logging_steps=10,
             load_loss_coef=args.load_loss_coef,
-            executed_fraction=args.target if spec["convert"]["router_kind"] == "threshold" else None,
-        )
-        trained = train(str(folder / "converted"), folder / "trained", settings, progress=False)
+            kv_fraction=args.target if spec["convert"]["router_kind"] == "threshold" else None,
+        ))
         final = trained
         if spec["calibrate"]:
-            calibrate_checkpoint(str(trained), calibrate_settings, out=str(folder / "calibrated"), progress=False)
+            calibrate(trained, folder / "calibrated")
             final = folder / "calibrated"
         model = MoDForCausalLM.from_pretrained(final).eval()
         result = perplexity(model, base, stream, args.context)
@@ -126,7 +131,7 @@ def main() -> None:
                          "base_perplexity": causal["base"]})
             # the same causal rule with its threshold calibrated to the budget: matched compute as generated
             save_checkpoint(model, folder / "causal", companions_from=final)
-            calibrate_checkpoint(str(folder / "causal"), calibrate_settings, progress=False)
+            calibrate(folder / "causal")
             model = MoDForCausalLM.from_pretrained(folder / "causal").eval()
             matched = perplexity(model, base, stream, args.context)
             rows.append({"variant": name, "evaluation": "causal rule, threshold calibrated to the budget",
@@ -138,17 +143,18 @@ def main() -> None:
     curves = {}
     for alpha in [float(a) for a in args.bistability_alphas.split(",")] + ["target"]:
         label = f"alpha={alpha}" if alpha != "target" else f"alpha={args.load_loss_coef}, target {args.target}"
-        settings = TrainSettings(
+        folder = work / "bistability" / label.replace(" ", "_").replace(",", "")
+        convert_checkpoint(ConvertSettings(base=str(base_dir), out=str(folder / "converted"),
+                                           routing={"router_kind": "threshold", "gate_mode": "exact"}))
+        out = train(TrainSettings(
+            model=str(folder / "converted"), out=str(folder / "trained"), progress=False,
             recipe="routers", steps=args.bistability_steps, seq_len=args.seq_len, batch_size=args.batch_size,
             router_learning_rate=args.router_lr, data=data, save_steps=args.bistability_steps, logging_steps=5,
             load_loss_coef=args.load_loss_coef if alpha == "target" else alpha,
-            executed_fraction=args.target if alpha == "target" else None,
-        )
-        folder = work / "bistability" / label.replace(" ", "_").replace(",", "")
-        convert_checkpoint(str(base_dir), folder / "converted", router_kind="threshold", gate_mode="exact")
-        out = train(str(folder / "converted"), folder / "trained", settings, progress=False)
+            kv_fraction=args.target if alpha == "target" else None,
+        ))
         log = json.loads((out / "training_log.json").read_text())
-        curves[label] = [(row["step"], row["executed_fraction"]) for row in log if "executed_fraction" in row]
+        curves[label] = [(row["step"], row["kv_fraction"]) for row in log if "kv_fraction" in row]
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,10 +178,10 @@ def _plot(curves: dict, path: Path, target: float) -> None:
         ax.plot([s for s, _ in points], [f for _, f in points], label=label)
     ax.axhline(target, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("training step")
-    ax.set_ylabel("executed fraction")
+    ax.set_ylabel("KV fraction")
     ax.set_ylim(0.45, 1.02)
     ax.legend(fontsize=8)
-    ax.set_title("Layer-load objective: executed fraction during router training")
+    ax.set_title("Layer-load objective: KV fraction during router training")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

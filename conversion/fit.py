@@ -1,29 +1,42 @@
 """Cheap routers: set a MoD model's routers from a few forward and backward passes on calibration text, no training.
 
-What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/results.md) decided each step:
+What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/results.md, docs/method in
+`shared/method.md`) decided each step:
 
-1. **Which layers** (`routed_layers="auto"`): the cost of a layer is how much the calibration loss rises when every
-   token but the attention sinks skips it (one forward pass per layer). Layers whose removal is ruinous (the first
-   ones and the last ones on SmolLM2) are never routed; the rest are ranked by the measured cost of routing them.
-2. **What a router predicts**: the expected change of the model's predictions when a token skips the layer, a
-   label-free Fisher score `E_y[(dL_y/dh_out . delta)^2]` with labels `y` drawn from the model's own predictions
-   (`label_samples` backward passes). The signed first-order loss change on the true next tokens is a far better
-   oracle, but it depends on the label, and a linear router cannot predict it from the layer's input (Spearman 0.03
-   on held-out text); the Fisher score is predictable (Spearman 0.22) and beats random routing. "How little the layer
-   changes the token" is what a router fits best, but keeps the wrong tokens. Each router is a ridge regression of the
-   Gaussian-ranked score on its RMS-normalised input (exactly what `MoDRouter.score` computes).
-3. **Attention sinks**: the first `routing_sink_tokens` positions run every layer; skipping them cost more than all
-   other choices together (random routing of 8 layers: 80 -> 67 perplexity with 4 sinks kept).
-4. **Where the budget goes**: costs of skipping tokens in several layers compound while deleting layers compounds
-   less, so three plans are built from the ranked layers, calibrated and measured whole on the calibration text, and
-   the best is kept: token routing (each of the cheapest layers skips up to `max_skip` of its tokens), whole layers
-   (the cheapest layers skipped by every token but the sinks, a fractional rest routed), and a mix of the two.
-5. **Thresholds**: calibrated layer by layer in order, with earlier layers already routing, to the planned fractions
-   (`calibrate.calibrate_thresholds` with per-layer targets); `fit_checkpoint` then folds each threshold into its
-   router bias, so every routed layer keeps `p = 0.5` and gates are centred on the decision boundary for any later
-   training.
+1. **What a skipped token leaves out** (`routing_granularity`): its attention sub-layer only (it writes no K/V and
+   still runs the MLP) or the whole block. Removing attention costs far less quality than removing whole blocks for
+   the same K/V saved (SmolLM2, 4 layers: 1.21x against 2.10x perplexity), so `attention` is the default; with `auto`
+   the fit measures both per layer and takes, per layer, the one whose removal costs less (both save all of the
+   layer's K/V, so "less per K/V saved" is "less").
+2. **Which layers** (`routed_layers="auto"`): the cost of a layer is how much the calibration loss rises when every
+   token but the attention sinks skips it (the router's `override="skip"`; one forward pass per layer and
+   granularity). Layers whose removal is ruinous (the first ones and the last ones on SmolLM2) are never routed.
+3. **Look-up** (`min_lookup_share`): perplexity hides a model that can no longer copy from its context (SmolLM2's
+   layer 16 costs the least perplexity of all 30 layers, and skipping it drops copying a repeated passage from 0.8
+   to 0.02). So each candidate layer's skip is also scored on `evaluation.lookup`'s repeated passage (random tokens
+   of the calibration text, repeated one calibration block later; one batched forward pass per layer), and a layer
+   that keeps less than `min_lookup_share` of the dense model's accuracy is never routed.
+4. **What a router predicts**: the expected change of the model's predictions when a token skips what its layer
+   skips, a label-free Fisher score `E_y[(dL_y/dh . delta)^2]` (`delta`: what the block, or the attention sub-layer,
+   adds to the token's residual stream; `h`: the hidden state after it) with labels `y` drawn from the model's own
+   predictions (`label_samples` backward passes). The signed first-order loss change on the true next tokens is a
+   better oracle, but a linear router cannot predict it from the layer's input (Spearman 0.03 on held-out text); the
+   Fisher score is predictable (Spearman 0.22) and beats random routing. Each router is a ridge regression of the
+   Gaussian-ranked score on the router's own features (`MoDRouter.features`).
+5. **Attention sinks**: the first `routing_sink_tokens` positions run every layer (`MoDRouter.sink_mask`); skipping
+   them cost more than all other choices together (random routing of 8 layers: 80 -> 67 perplexity with 4 sinks).
+6. **Where the budget goes**: costs of skipping tokens in several layers compound while deleting layers compounds
+   less, so three `RoutingPlan`s are built from the ranked layers, each at the budget (`kv_fraction`, or
+   `flop_fraction` at `flop_context_length`), calibrated and measured whole on the calibration text: token routing
+   (each of the cheapest layers skips up to `max_skip` of its tokens), whole layers (the cheapest layers skipped by
+   every token but the sinks, a fractional rest routed), and a mix of the two. A plan whose look-up accuracy falls
+   below `min_lookup_share` of the dense model's is refused; of the others the one with the lowest loss is kept.
+7. **Thresholds**: calibrated layer by layer in order, with earlier layers already routing, to the plan
+   (`calibrate.calibrate_thresholds`); `fit_checkpoint` then folds each threshold into its router bias, so every
+   routed layer keeps `p = 0.5` and gates are centred on the decision boundary for any later training. The plan is
+   stored in `config.routing_plan`: `calibrate` scales it to a new budget, `train` holds each layer at its share.
 
-The measurements of 1 and 2 do not depend on the target: a sweep over targets takes them once (`measure_layers`) and
+The measurements of 1-4 do not depend on the budget: a sweep over budgets takes them once (`measure_layers`) and
 hands them to every fit (`fit_routers(..., measured=...)`) rather than measuring again.
 """
 
@@ -31,27 +44,42 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from modification.modeling import MoDConfig, MoDForCausalLM
+from modification.evaluation.lookup import repeated_passage_batch, repeated_passage_scores
+from modification.modeling import THRESHOLD_LOGIT_LIMIT, MoDConfig, MoDForCausalLM, RoutingPlan
 
+from .budget import Budget, plan_fractions
 from .local_paths import data_names
-from .settings import FitSettings, data_fields
+from .settings import FitOptions, FitSettings, data_fields
+
+
+GRANULARITIES = ("attention", "block")
+# The look-up guard protects look-up only where the dense model has it: a model that copies less than this share of a
+# repeated passage (a tiny or random one) has none to lose, and its accuracies are noise.
+LOOKUP_GUARD_MIN_ACCURACY = 0.1
+
 
 @dataclass
 class FitRecord:
     """What `fit_routers` measured and chose (stored in `config.calibration["fit"]` and results.json)."""
 
     settings: dict
-    layer_removal_cost: list[float]
+    budget: dict  # the budget asked for (`Budget.record`)
+    removal_cost: dict[str, list[float]]  # per granularity measured: per layer, the loss rise when skipped whole
+    lookup_accuracy: dict  # "dense": the dense model's; per granularity: per layer skipped whole (None: not measured)
+    layer_granularity: dict[str, str]  # per routable layer, what its tokens skip
+    refused_layers: dict[str, str]  # per layer never routed, why
     routed_layers: list[int]
-    planned_skip: dict[str, float]
-    plan_loss_increase: dict[str, float] = field(default_factory=dict)
+    plan: dict  # the chosen `RoutingPlan.to_dict()`
+    plan_fractions: dict  # its KV fraction and FLOP fractions (`budget.plan_fractions`)
+    plans: dict[str, dict] = field(default_factory=dict)  # per candidate plan: loss increase, look-up, fractions
     chosen_plan: str = ""
     calibration_tokens: int = 0
     seconds: float = 0.0
@@ -62,9 +90,15 @@ class FitRecord:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _sink_mask(batch: dict, sink_tokens: int) -> torch.Tensor:
-    ids = batch["input_ids"]
-    return (torch.arange(ids.shape[1], device=ids.device) < sink_tokens).expand_as(ids)
+def _valid(batch: dict) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
+
+
+def decided_tokens(model: MoDForCausalLM, batches: Sequence[dict]) -> torch.Tensor:
+    """`[tokens]` bool over the flattened `batches`: the valid tokens a router decides (the sinks run by rule)."""
+    router = next(layer.router for layer in model.model.layers if layer.has_router)
+    return torch.cat([(_valid(b) & ~router.sink_mask(None, _valid(b))).reshape(-1) for b in batches])
 
 
 @torch.no_grad()
@@ -79,52 +113,82 @@ def mean_loss(model: MoDForCausalLM, batches: Sequence[dict]) -> float:
     return total / max(count, 1)
 
 
-class _SkipLayer:
-    """A forward hook that makes one decoder layer a no-op for every token except the sinks (the layer still runs:
-    this is a measurement, not a speed-up)."""
+@dataclass
+class LookupCheck:
+    """The look-up check of a fit: `evaluation.lookup`'s repeated passages (`ids`, `[trials, distance + passage]`),
+    each passage of `passage_tokens` repeated `distance` tokens after its first copy."""
 
-    def __init__(self, layer: torch.nn.Module, sinks: int):
-        self.sinks = sinks
-        self.handle = layer.register_forward_hook(self, with_kwargs=True)
+    ids: torch.Tensor
+    passage_tokens: int
 
-    def __call__(self, module, args, kwargs, output):
-        hidden_in = args[0] if args else kwargs["hidden_states"]
-        hidden_out, decision = output
-        keep = torch.zeros(hidden_in.shape[:2], dtype=torch.bool, device=hidden_in.device)
-        keep[:, : self.sinks] = True
-        return torch.where(keep[..., None], hidden_out, hidden_in), decision
+    @classmethod
+    def from_batches(cls, batches: Sequence[dict], options: FitOptions, max_positions: int) -> LookupCheck:
+        """Passages drawn from the calibration text, repeated one calibration block later (at most half a block long,
+        and within the model's positions), the text itself the filler."""
+        distance = batches[0]["input_ids"].shape[1]
+        passage = max(2, min(options.lookup_passage_tokens, distance // 2))
+        distance = max(passage, min(distance, max_positions - passage))
+        filler = torch.cat([b["input_ids"][_valid(b)] for b in batches])
+        return cls(repeated_passage_batch(filler, distance, passage, options.lookup_trials), passage)
 
-    def remove(self) -> None:
-        self.handle.remove()
+    def accuracy(self, model: MoDForCausalLM) -> float:
+        """Top-1 accuracy of `model` on the second copies (one batched forward pass)."""
+        return repeated_passage_scores(model, self.ids, self.passage_tokens, batch_size=len(self.ids))["accuracy"]
+
+
+@contextmanager
+def skipping(model: MoDForCausalLM, layer: int, granularity: str):
+    """Every token but the sinks skips `granularity` ("attention" or "block") of `layer` of the measuring model (its
+    router's `override="skip"`; every other router of it runs every token)."""
+    router, config = model.model.layers[layer].router, model.config
+    before = config.routing_granularity
+    config.routing_granularity, router.override = granularity, "skip"
+    try:
+        yield
+    finally:
+        config.routing_granularity, router.override = before, "run"
 
 
 def layer_removal_costs(
-    model: MoDForCausalLM, batches: Sequence[dict], sink_tokens: int, progress: bool = True
+    model: MoDForCausalLM, batches: Sequence[dict], granularity: str, progress: bool = True
 ) -> list[float]:
-    """For every layer, the rise of the mean loss (nats/token) when every token but the sinks skips it alone."""
+    """For every layer of the measuring model, the rise of the mean loss (nats/token) when every token but the sinks
+    skips its `granularity` alone."""
     base = mean_loss(model, batches)
     costs = []
-    for layer in tqdm(model.model.layers, desc="measuring layer costs", disable=not progress):
-        hook = _SkipLayer(layer, sink_tokens)
-        try:
+    for j in tqdm(range(len(model.model.layers)), desc=f"measuring layer costs ({granularity})", disable=not progress):
+        with skipping(model, j, granularity):
             costs.append(mean_loss(model, batches) - base)
-        finally:
-            hook.remove()
     return costs
+
+
+def layer_lookup_accuracy(
+    model: MoDForCausalLM, lookup: LookupCheck, layers: Sequence[int], granularity: str, progress: bool = True
+) -> dict[int, float]:
+    """For each of `layers` of the measuring model, the look-up accuracy when every token but the sinks skips its
+    `granularity` alone."""
+    accuracy = {}
+    for j in tqdm(layers, desc=f"measuring look-up ({granularity})", disable=not progress):
+        with skipping(model, j, granularity):
+            accuracy[j] = lookup.accuracy(model)
+    return accuracy
 
 
 def fisher_scores(
     model: MoDForCausalLM, batches: Sequence[dict], layers: Sequence[int], samples: int = 2, seed: int = 0
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Per layer in `layers`: the inputs `[tokens, hidden]` (float32) and each token's Fisher score `[tokens]`.
+) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """Per layer in `layers` of the measuring model: its inputs `[tokens, hidden]` (float32) and each token's Fisher
+    score `[tokens]` per granularity.
 
-    The score is `E_y[(g_y . delta)^2]`: `delta` is what the layer adds to the token's residual stream, `g_y` the
-    gradient of the sequence loss w.r.t. the layer's output under labels `y` sampled from the model's own predictions.
-    It estimates (twice) how far the model's predictions move when the token skips the layer, without using labels.
+    The score is `E_y[(g_y . delta)^2]`: for "block", `delta` is what the layer adds to the token's residual stream and
+    `g_y` the gradient of the sequence loss w.r.t. the layer's output; for "attention", `delta` is what the attention
+    sub-layer adds and `g_y` the gradient w.r.t. the hidden state after it (the MLP's input). Labels `y` are sampled
+    from the model's own predictions. It estimates (twice) how far the model's predictions move when the token skips
+    that part of the layer, without using labels.
     """
     generator = torch.Generator().manual_seed(seed)
     inputs: dict[int, list[torch.Tensor]] = {j: [] for j in layers}
-    scores: dict[int, list[torch.Tensor]] = {j: [] for j in layers}
+    scores: dict[int, dict[str, list[torch.Tensor]]] = {j: {g: [] for g in GRANULARITIES} for j in layers}
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,22 +196,26 @@ def fisher_scores(
         p.requires_grad_(False)  # gradients w.r.t. activations only
     try:
         for batch in batches:
-            acc: dict[int, torch.Tensor] = {}
+            acc: dict[tuple[int, str], torch.Tensor] = {}
             for _ in range(samples):
-                store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                hidden: dict[tuple[int, str], torch.Tensor] = {}
 
-                def hook(module, args, kwargs, output, j=None):
-                    hidden_in = args[0] if args else kwargs["hidden_states"]
-                    hidden_out = output[0]
-                    hidden_out.retain_grad()
-                    store[j] = (hidden_in.detach(), hidden_out)
+                def kept(tensor: torch.Tensor, key: tuple) -> None:
+                    tensor.retain_grad()
+                    hidden[key] = tensor
 
-                handles = [
-                    model.model.layers[j].register_forward_hook(
-                        lambda m, a, k, o, j=j: hook(m, a, k, o, j=j), with_kwargs=True
-                    )
-                    for j in layers
-                ]
+                def on_output(module, args, kwargs, output, j: int) -> None:
+                    hidden[j, "in"] = (args[0] if args else kwargs["hidden_states"]).detach().flatten(0, 1)
+                    kept(output[0], (j, "out"))
+
+                handles = []
+                for j in layers:
+                    layer = model.model.layers[j]
+                    handles.append(layer.register_forward_hook(
+                        lambda m, a, k, o, j=j: on_output(m, a, k, o, j), with_kwargs=True))
+                    # the MLP's input, packed: the hidden state after attention, which holds what attention added
+                    handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
+                        lambda m, a, j=j: kept(a[0], (j, "mid"))))
                 # a leaf that requires grad at the embeddings, so the backward pass reaches every layer
                 embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
                 try:
@@ -163,17 +231,23 @@ def fisher_scores(
                     logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="sum"
                 )
                 loss.backward()
-                for j, (hidden_in, hidden_out) in store.items():
-                    s = (hidden_out.grad * (hidden_out.detach() - hidden_in)).sum(-1).pow(2).reshape(-1)
-                    acc[j] = s if j not in acc else acc[j] + s
-            for j, (hidden_in, _) in store.items():
-                inputs[j].append(hidden_in.reshape(-1, hidden_in.shape[-1]).float())
-                scores[j].append(acc[j] / samples)
+                for j in layers:
+                    h_in, mid, out = hidden[j, "in"], hidden[j, "mid"], hidden[j, "out"]
+                    added = {"block": (out.grad.flatten(0, 1), out.detach().flatten(0, 1) - h_in),
+                             "attention": (mid.grad, mid.detach() - h_in)}
+                    for g, (grad, delta) in added.items():
+                        s = (grad * delta).sum(-1).pow(2)
+                        acc[j, g] = s if (j, g) not in acc else acc[j, g] + s
+            for j in layers:
+                inputs[j].append(hidden[j, "in"].float())
+                for g in GRANULARITIES:
+                    scores[j][g].append(acc[j, g] / samples)
     finally:
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
-    return ({j: torch.cat(v) for j, v in inputs.items()}, {j: torch.cat(v) for j, v in scores.items()})
+    return ({j: torch.cat(v) for j, v in inputs.items()},
+            {j: {g: torch.cat(v) for g, v in per.items()} for j, per in scores.items()})
 
 
 def _gaussian_ranks(y: torch.Tensor) -> torch.Tensor:
@@ -182,210 +256,194 @@ def _gaussian_ranks(y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_router_weights(
+def regressed_router_weight(
     router: torch.nn.Module, inputs: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor, ridge: float,
     logit_scale: float,
-) -> None:
-    """Set `router.weight`/`router.bias` to a ridge regression of the Gaussian-ranked `scores` on the router's own
-    RMS-normalised `inputs` (tokens in `keep` only: the sinks are routed by rule, not by score)."""
-    x = inputs[keep].double()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + router.eps)
+) -> torch.Tensor:
+    """A router weight `[1, hidden]`: the ridge regression of the Gaussian-ranked `scores` on the router's features
+    of `inputs` (tokens in `keep` only: the sinks are routed by rule, not by score), scaled so that the logits have
+    standard deviation `logit_scale`. The bias is left to calibration (it sets the threshold)."""
+    x = router.features(inputs[keep]).double()
     t = _gaussian_ranks(scores[keep]).double()
-    x_mean, t_mean = x.mean(0), t.mean()
-    xc = x - x_mean
+    xc, tc = x - x.mean(0), t - t.mean()
     eye = torch.eye(x.shape[1], dtype=x.dtype)
-    w = torch.linalg.solve(xc.T @ xc + ridge * len(x) * eye, xc.T @ (t - t_mean))
-    pred = xc @ w
-    scale = logit_scale / pred.std().clamp(min=1e-12)
-    router.weight.copy_((w * scale).to(router.weight.dtype)[None])
-    router.bias.fill_(float(-(x_mean @ w) * scale))  # centred; calibration moves the bias to the threshold
+    w = torch.linalg.solve(xc.T @ xc + ridge * len(x) * eye, xc.T @ tc)
+    scale = logit_scale / (xc @ w).std().clamp(min=1e-12)
+    return (w * scale).to(router.weight.dtype)[None]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The recipe
+# The measuring model and what is measured on it
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def with_routed_layers(model: MoDForCausalLM, layers: list[int], **routing) -> MoDForCausalLM:
-    """The same weights under a config that routes `layers` (new routers start at zero weight), plus `routing`."""
+def with_plan(model: MoDForCausalLM, plan: RoutingPlan, **routing) -> MoDForCausalLM:
+    """The same weights under a config that routes as `plan` (its layers, their granularities, `routing_plan`;
+    thresholds 0.5; new routers start at zero weight), plus the config fields `routing`."""
     config_dict = model.config.to_dict()
-    config_dict.update(routed_layers=sorted(layers), router_threshold=0.5, **routing)
+    config_dict.update({"router_threshold": 0.5, "load_loss_target": None, **plan.config_fields(), **routing})
     for key in ("architectures", "auto_map", "transformers_version", "model_type"):
         config_dict.pop(key, None)
-    config = MoDConfig(**config_dict)
-    new = MoDForCausalLM(config).to(next(model.parameters()).dtype)
+    new = MoDForCausalLM(MoDConfig(**config_dict)).to(next(model.parameters()).dtype)
     state = {k: v for k, v in model.state_dict().items() if ".router." not in k}
     new.load_state_dict(state, strict=False)
     new.generation_config = model.generation_config
     return new.eval()
 
 
-def _run_every_token(router: torch.nn.Module) -> None:
-    router.weight.data.zero_()
-    router.bias.data.fill_(30.0)
-
-
 def measuring_model(model: MoDForCausalLM, sink_tokens: int) -> MoDForCausalLM:
-    """What the fit measures on: `model`'s weights with every layer routed and every router running every token."""
-    model = with_routed_layers(model, list(range(model.config.num_hidden_layers)), routing_sink_tokens=sink_tokens)
+    """What the fit measures on: `model`'s weights with every layer routed and every router's `override="run"` (the
+    dense model; `skipping` makes one layer skip)."""
+    n_layers = model.config.num_hidden_layers
+    every = RoutingPlan(n_layers, range(n_layers), [1.0] * n_layers, ["block"] * n_layers)
+    model = with_plan(model, every, routing_sink_tokens=sink_tokens, routing_granularity="block", routing_plan=None)
     for layer in model.model.layers:
-        _run_every_token(layer.router)
+        layer.router.override = "run"
     return model
 
 
 @dataclass
 class LayerMeasurements:
-    """What `fit_routers` measures on the dense model (`measuring_model`): the removal cost of every layer and, for
-    the layers it may route, the Fisher scores the routers regress on. None of it depends on the target executed
-    fraction: a sweep over targets measures once (`measure_layers`) and passes the result to every fit."""
+    """What `fit_routers` measures on the dense model (`measuring_model`): per granularity the removal cost of every
+    layer and the look-up accuracy of the layers it may route, and for the layers it fits routers for, the Fisher
+    scores the routers regress on. None of it depends on the budget: a sweep over budgets measures once
+    (`measure_layers`) and passes the result to every fit, which measures only what it lacks."""
 
-    removal_costs: list[float]  # per layer, `layer_removal_costs`
-    routing_sink_tokens: int  # the sinks the costs were measured with
+    routing_sink_tokens: int  # the sinks everything was measured with
     label_samples: int  # the Fisher scores' backward passes
+    lookup_passage_tokens: int  # the look-up check's passages and how many
+    lookup_trials: int
+    removal_costs: dict[str, list[float]] = field(default_factory=dict)  # per granularity, `layer_removal_costs`
+    dense_lookup: float | None = None  # the dense model's look-up accuracy
+    lookup: dict[str, dict[int, float]] = field(default_factory=dict)  # per granularity and layer skipped
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # per scored layer, `fisher_scores`
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def check(self, n_layers: int, settings: FitSettings) -> None:
+    @classmethod
+    def taken_with(cls, options: FitOptions) -> LayerMeasurements:
+        """No measurement yet, for a fit with `options`."""
+        return cls(options.routing_sink_tokens, options.label_samples, options.lookup_passage_tokens,
+                   options.lookup_trials)
+
+    def check(self, n_layers: int, options: FitOptions) -> None:
         """A clear error when these measurements were taken on another model or under other settings."""
-        if len(self.removal_costs) != n_layers:
-            raise ValueError(f"the measurements hold {len(self.removal_costs)} layer costs, the model has {n_layers} "
-                             "layers")
-        for name in ("routing_sink_tokens", "label_samples"):
-            if getattr(self, name) != getattr(settings, name):
+        for g, costs in self.removal_costs.items():
+            if len(costs) != n_layers:
+                raise ValueError(f"the measurements hold {len(costs)} layer costs, the model has {n_layers} layers "
+                                 f"(granularity {g})")
+        for name in ("routing_sink_tokens", "label_samples", "lookup_passage_tokens", "lookup_trials"):
+            if getattr(self, name) != getattr(options, name):
                 raise ValueError(f"the measurements were taken with {name}={getattr(self, name)}, the fit asks for "
-                                 f"{getattr(settings, name)}")
+                                 f"{getattr(options, name)}")
+
+    def with_costs(self, model: MoDForCausalLM, batches: Sequence[dict], granularities: Sequence[str],
+                   progress: bool = True) -> LayerMeasurements:
+        """These measurements plus the removal costs of the `granularities` not measured yet."""
+        missing = [g for g in granularities if g not in self.removal_costs]
+        costs = {g: layer_removal_costs(model, batches, g, progress) for g in missing}
+        return replace(self, removal_costs={**self.removal_costs, **costs}) if costs else self
+
+    def with_lookup(self, model: MoDForCausalLM, lookup: LookupCheck, layers: Sequence[int],
+                    granularities: Sequence[str], progress: bool = True) -> LayerMeasurements:
+        """These measurements plus the dense model's look-up accuracy and that of each of `layers` skipped under each
+        of `granularities`, where not measured yet."""
+        dense = self.dense_lookup if self.dense_lookup is not None else lookup.accuracy(model)
+        measured = {g: dict(self.lookup.get(g, {})) for g in set(self.lookup) | set(granularities)}
+        for g in granularities:
+            missing = [j for j in layers if j not in measured[g]]
+            if missing:
+                measured[g].update(layer_lookup_accuracy(model, lookup, missing, g, progress))
+        return replace(self, dense_lookup=dense, lookup=measured)
 
     def with_scores(self, model: MoDForCausalLM, batches: Sequence[dict], layers: Sequence[int]) -> LayerMeasurements:
-        """These measurements plus the Fisher scores of those `layers` not scored yet, measured on `model`."""
+        """These measurements plus the Fisher scores of those `layers` not scored yet."""
         missing = [j for j in layers if j not in self.scores]
         if not missing:
             return self
         inputs, scores = fisher_scores(model, batches, missing, samples=self.label_samples)
         return replace(self, inputs={**self.inputs, **inputs}, scores={**self.scores, **scores})
 
-
-def measure_layers(
-    model: MoDForCausalLM, batches: Sequence[dict], settings: FitSettings, progress: bool = True
-) -> LayerMeasurements:
-    """Every layer's removal cost and Fisher scores on `batches`, for fits of `model` to several targets."""
-    batches = list(batches)
-    dense = measuring_model(model, settings.routing_sink_tokens)
-    costs = layer_removal_costs(dense, batches, settings.routing_sink_tokens, progress=progress)
-    measured = LayerMeasurements(costs, settings.routing_sink_tokens, settings.label_samples)
-    return measured.with_scores(dense, batches, range(len(costs)))
+    def breaks_lookup(self, layer: int, granularity: str, options: FitOptions) -> bool:
+        """Whether skipping `granularity` of `layer` keeps less than `min_lookup_share` of the dense model's look-up
+        (never, where the dense model does not look up: `LOOKUP_GUARD_MIN_ACCURACY`)."""
+        return lookup_broken(self.lookup[granularity][layer], self.dense_lookup, options)
 
 
-def routable_layers(costs: Sequence[float], settings: FitSettings) -> list[int]:
-    """The layers a fit may route, cheapest first: with `routed_layers="auto"` every layer whose removal costs at
-    most `ruinous_factor` times the median layer's, else the layers `settings` names."""
-    n_layers = len(costs)
-    if settings.routed_layers == "auto":
-        median = sorted(costs)[n_layers // 2]
-        candidates = [j for j in range(n_layers) if costs[j] <= settings.ruinous_factor * max(median, 1e-6)]
-    else:
-        candidates = [int(j) for j in settings.routed_layers]
-        bad = [j for j in candidates if not 0 <= j < n_layers]
+def lookup_broken(accuracy: float, dense: float, options: FitOptions) -> bool:
+    """The look-up guard: `accuracy` below `min_lookup_share` of the dense model's `dense` accuracy."""
+    return dense >= LOOKUP_GUARD_MIN_ACCURACY and accuracy < options.min_lookup_share * dense
+
+
+def candidate_layers(measured: LayerMeasurements, options: FitOptions, n_layers: int) -> tuple[list[int], dict]:
+    """The layers a fit may route, and why each other layer is not: with `routed_layers="auto"` every layer whose
+    removal (the cheaper of the fit's granularities) costs at most `ruinous_factor` times the median layer's, else the
+    layers `options` names."""
+    if options.routed_layers != "auto":
+        layers = [int(j) for j in options.routed_layers]
+        bad = [j for j in layers if not 0 <= j < n_layers]
         if bad:
             raise ValueError(f"routed layers {bad} do not exist: the model has {n_layers} layers")
-    return sorted(candidates, key=lambda j: costs[j])
+        return sorted(set(layers)), {j: "not named in routed_layers" for j in range(n_layers) if j not in layers}
+    cost = [min(measured.removal_costs[g][j] for g in options.granularities()) for j in range(n_layers)]
+    limit = options.ruinous_factor * max(sorted(cost)[n_layers // 2], 1e-6)
+    ruinous = {j: f"ruinous: removal costs {cost[j]:.4f} nats, more than {limit:.4f}" for j in range(n_layers)
+               if cost[j] > limit}
+    return [j for j in range(n_layers) if j not in ruinous], ruinous
 
 
-def fit_layer_routers(
-    model: MoDForCausalLM, layers: Sequence[int], measured: LayerMeasurements, batches: Sequence[dict],
-    settings: FitSettings,
-) -> None:
-    """Set the routers of `layers` by `fit_router_weights` from `measured` (taken on `batches`); the sinks are left
-    out of the regression, they run by rule."""
-    keep = torch.cat([~_sink_mask(b, settings.routing_sink_tokens).reshape(-1) for b in batches])
+def routable_layers(
+    measured: LayerMeasurements, options: FitOptions, layers: Sequence[int]
+) -> tuple[list[int], dict[int, str], dict[int, str]]:
+    """Of the candidate `layers`: those a fit may route, cheapest first, what each one's tokens skip (the granularity
+    of the fit's whose removal costs least and keeps look-up), and why each other candidate may not be routed."""
+    granularity, refused = {}, {}
     for j in layers:
-        fit_router_weights(model.model.layers[j].router, measured.inputs[j], measured.scores[j], keep, settings.ridge,
-                           settings.logit_scale)
+        kept = [g for g in options.granularities() if not measured.breaks_lookup(j, g, options)]
+        if kept:
+            granularity[j] = min(kept, key=lambda g: measured.removal_costs[g][j])
+        else:
+            worst = ", ".join(f"{measured.lookup[g][j]:.2f} ({g})" for g in options.granularities())
+            refused[j] = f"breaks look-up: accuracy {worst}, dense {measured.dense_lookup:.2f}"
+    ranked = sorted(granularity, key=lambda j: measured.removal_costs[granularity[j]][j])
+    return ranked, granularity, refused
 
 
-def fit_routers(
-    model: MoDForCausalLM, batches: Sequence[dict], settings: FitSettings, progress: bool = True,
-    measured: LayerMeasurements | None = None,
-) -> tuple[MoDForCausalLM, FitRecord]:
-    """Route `model` to the executed fraction `settings.executed_fraction` from measurements on `batches` (see the
-    module docstring).
-
-    `measured`: the measurements of `measure_layers` on the same model, batches and settings, when several fits
-    share them (a sweep over targets); the fit then measures only the Fisher scores they lack, and its result is the
-    one it reaches measuring everything itself. Returns a model (a new one: its routed layers may change) with
-    fitted routers and calibrated thresholds, and the record of what was measured.
-    """
-
-    start = time.perf_counter()
-    if not 0.0 < settings.executed_fraction <= 1.0:
-        raise ValueError(f"executed_fraction must lie in (0, 1], got {settings.executed_fraction}")
-    if not 0.0 < settings.max_skip <= 1.0:
-        raise ValueError(f"max_skip must lie in (0, 1], got {settings.max_skip}")
-    if model.config.router_kind != "threshold":
-        raise ValueError("fitting sets threshold routers: router_kind must be 'threshold', not "
-                         f"{model.config.router_kind!r}")
+def measure_layers(
+    model: MoDForCausalLM, batches: Sequence[dict], options: FitOptions, progress: bool = True
+) -> LayerMeasurements:
+    """Every measurement a fit of `model` with `options` takes on `batches` (for fits to several budgets): removal
+    costs, look-up of the candidate layers, and the Fisher scores of every layer."""
     batches = list(batches)
-    if not batches:
-        raise ValueError("fitting routers needs at least one batch of calibration text")
+    dense = measuring_model(model, options.routing_sink_tokens)
     n_layers = model.config.num_hidden_layers
-    model = measuring_model(model, settings.routing_sink_tokens)  # every token runs while measuring
-    if measured is None:
-        costs = layer_removal_costs(model, batches, settings.routing_sink_tokens, progress=progress)
-        measured = LayerMeasurements(costs, settings.routing_sink_tokens, settings.label_samples)
-    measured.check(n_layers, settings)
-    costs = measured.removal_costs
-    ranked = routable_layers(costs, settings)
-    budget = (1.0 - settings.executed_fraction) * n_layers
-    record = FitRecord(settings=fit_settings_record(settings), layer_removal_cost=[round(c, 5) for c in costs],
-                       routed_layers=[], planned_skip={},
-                       calibration_tokens=sum(int(b["input_ids"].numel()) for b in batches))
-    if budget <= 1e-9:
-        model = with_routed_layers(model, [], routing_sink_tokens=settings.routing_sink_tokens)
-        record.seconds = round(time.perf_counter() - start, 1)
-        return model, record
-
-    # Fit the routers of the cheapest candidates (enough of them to hold the budget at max_skip, and a margin).
-    needed = math.ceil(budget / settings.max_skip)
-    if needed > len(ranked):
-        raise ValueError(
-            f"executed_fraction {settings.executed_fraction} needs {budget:.2f} layers' worth of skipped work, more "
-            f"than {len(ranked)} routable layers at max_skip={settings.max_skip} give; raise executed_fraction or "
-            "max_skip"
-        )
-    fitted_layers = sorted(ranked[: min(len(ranked), 2 * needed)])
-    fit_layer_routers(model, fitted_layers, measured.with_scores(model, batches, fitted_layers), batches, settings)
-    fitted = {j: model.model.layers[j].router.weight.detach().clone() for j in fitted_layers}
-    for j in fitted_layers:  # every token runs again while the plans are measured against the dense model
-        _run_every_token(model.model.layers[j].router)
-
-    # Candidate plans (layer -> share of its tokens skipped), each calibrated and measured whole on the calibration
-    # text, because costs do not add up: skipping tokens in several layers compounds, deleting layers less so.
-    plans = {
-        "tokens": _plan_tokens(ranked, budget, settings.max_skip, fitted),
-        "layers": _plan_layers(ranked, budget, fitted),
-        "mixed": _plan_mixed(ranked, budget, settings.max_skip, fitted),
-    }
-    plan_losses: dict[str, float] = {}
-    best = None
-    base_loss = mean_loss(model, batches)
-    for name, plan in tqdm(plans.items(), desc="measuring plans", disable=not progress):
-        candidate = model_for_plan(model, plan, fitted, settings, batches)
-        loss = mean_loss(candidate, batches)
-        plan_losses[name] = round(loss - base_loss, 5)
-        if best is None or loss < best[0]:
-            best = (loss, name, candidate, plan)
-    _, chosen, new, plan = best
-    record.routed_layers = sorted(plan)
-    record.planned_skip = {str(j): round(plan[j], 4) for j in sorted(plan)}
-    record.plan_loss_increase = plan_losses
-    record.chosen_plan = chosen
-    record.seconds = round(time.perf_counter() - start, 1)
-    new.config.calibration = {**(new.config.calibration or {}), "fit": asdict(record)}
-    return new, record
+    measured = LayerMeasurements.taken_with(options).with_costs(dense, batches, options.granularities(), progress)
+    layers, _ = candidate_layers(measured, options, n_layers)
+    lookup = LookupCheck.from_batches(batches, options, model.config.max_position_embeddings)
+    measured = measured.with_lookup(dense, lookup, layers, options.granularities(), progress)
+    return measured.with_scores(dense, batches, range(n_layers))
 
 
-def _plan_tokens(ranked: list[int], budget: float, max_skip: float, fitted: dict) -> dict[int, float]:
-    """Token routing only: the cheapest layers each skip `max_skip` of their tokens, the last one what is left."""
-    plan, left = {}, budget
+def fitted_router_weights(
+    model: MoDForCausalLM, granularity: dict[int, str], measured: LayerMeasurements, batches: Sequence[dict],
+    options: FitOptions,
+) -> dict[int, torch.Tensor]:
+    """Per layer of `granularity` (layer -> what its tokens skip): the router weight regressed on the Fisher scores of
+    skipping that (`regressed_router_weight`), from `measured` (taken on `batches`)."""
+    keep = decided_tokens(model, batches)
+    router = next(layer.router for layer in model.model.layers if layer.has_router)
+    return {j: regressed_router_weight(router, measured.inputs[j], measured.scores[j][g], keep, options.ridge,
+                                       options.logit_scale) for j, g in granularity.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _plan_tokens(ranked: list[int], skipped: float, max_skip: float, fitted: set[int]) -> dict[int, float]:
+    """Token routing only: the cheapest fitted layers each skip `max_skip` of their tokens, the last one what is left
+    of `skipped` (layers' worth of skipped tokens)."""
+    plan, left = {}, skipped
     for j in ranked:
         if left <= 1e-9:
             break
@@ -395,9 +453,9 @@ def _plan_tokens(ranked: list[int], budget: float, max_skip: float, fitted: dict
     return plan
 
 
-def _plan_layers(ranked: list[int], budget: float, fitted: dict) -> dict[int, float]:
+def _plan_layers(ranked: list[int], skipped: float, max_skip: float, fitted: set[int]) -> dict[int, float]:
     """Whole layers: the cheapest layers are skipped by every token but the sinks; a fractional rest is routed."""
-    plan, left = {}, budget
+    plan, left = {}, skipped
     for j in ranked:
         if left <= 1e-9:
             break
@@ -407,42 +465,181 @@ def _plan_layers(ranked: list[int], budget: float, fitted: dict) -> dict[int, fl
     return plan
 
 
-def _plan_mixed(ranked: list[int], budget: float, max_skip: float, fitted: dict) -> dict[int, float]:
+def _plan_mixed(ranked: list[int], skipped: float, max_skip: float, fitted: set[int]) -> dict[int, float]:
     """Half the budget (in whole layers) from skipping the cheapest layers, the rest from token routing in the next."""
-    whole = math.floor(budget / 2)
+    whole = math.floor(skipped / 2)
     plan = {j: 1.0 for j in ranked[:whole]}
-    plan.update(_plan_tokens([j for j in ranked if j not in plan], budget - whole, max_skip, fitted))
+    plan.update(_plan_tokens([j for j in ranked if j not in plan], skipped - whole, max_skip, fitted))
     return plan
 
 
+PLANS = {"tokens": _plan_tokens, "layers": _plan_layers, "mixed": _plan_mixed}
+
+
+def plan_at_budget(
+    build: Callable[[float], dict[int, float]], budget: Budget, config: MoDConfig, granularity: dict[int, str],
+) -> RoutingPlan | None:
+    """The plan `build(skipped)` (layer -> share of its tokens skipped, for `skipped` layers' worth of skipped tokens)
+    at `budget`, as a `RoutingPlan` whose layers skip what `granularity` says; None where `build` cannot reach it.
+    A KV budget is `skipped = (1 - kv_fraction) * layers`; a FLOP budget is found by bisection (FLOPs fall as more is
+    skipped)."""
+    n_layers = config.num_hidden_layers
+
+    def plan_for(skipped: float) -> RoutingPlan:
+        skips = build(skipped)
+        layers = sorted(skips)
+        return RoutingPlan(n_layers, layers, [max(0.0, 1.0 - skips[j]) for j in layers],
+                           [granularity[j] for j in layers])
+
+    if budget.kv_fraction is not None:
+        plan = plan_for((1.0 - budget.kv_fraction) * n_layers)
+    else:
+        low, high = 0.0, float(n_layers)
+        if budget.of(plan_for(high), config) > budget.target + 1e-9:
+            return None
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if budget.of(plan_for(mid), config) > budget.target else (low, mid)
+        plan = plan_for(high)
+    return plan if budget.of(plan, config) <= budget.target + 1e-6 else None
+
+
 def model_for_plan(
-    model: MoDForCausalLM, plan: dict[int, float], weights: dict[int, torch.Tensor], settings: FitSettings,
+    model: MoDForCausalLM, plan: RoutingPlan, weights: dict[int, torch.Tensor], options: FitOptions,
     batches: Sequence[dict],
 ) -> MoDForCausalLM:
-    """A model routing the layers of `plan` (layer -> share of its tokens skipped) with the router `weights`, its
-    thresholds calibrated layer by layer to the plan on `batches`."""
+    """A model routing as `plan` with the router `weights` (layer -> weight), its thresholds calibrated layer by layer
+    to the plan on `batches`; a layer the plan skips whole (but its sinks) gets the router that always skips (weight 0,
+    bias `-THRESHOLD_LOGIT_LIMIT` at p = 0.5: the saved form of `override="skip"`)."""
     from .calibrate import calibrate_thresholds
 
-    new = with_routed_layers(model, sorted(plan), routing_sink_tokens=settings.routing_sink_tokens)
+    new = with_plan(model, plan, routing_sink_tokens=options.routing_sink_tokens)
+    whole = [j for j, share in zip(plan.routed_layers, plan.routed_share) if share <= 0.0]
     with torch.no_grad():
-        for j in plan:
+        for j in plan.routed_layers:
             router = new.model.layers[j].router
-            if plan[j] < 1.0 - 1e-9:
-                router.weight.copy_(weights[j])  # else skipped whole (but its sinks): a zero weight scores nothing
+            router.weight.copy_(torch.zeros_like(router.weight) if j in whole else weights[j])
             router.bias.zero_()
-    calibrate_thresholds(new, batches, routed_fractions={j: 1.0 - plan[j] for j in plan}, progress=False)
+    calibrate_thresholds(new, batches, plan=plan, progress=False)
+    # after calibration: while a layer is calibrated, every later layer routes every token, this one included
+    thresholds = list(new.config.router_threshold)
+    with torch.no_grad():
+        for j in whole:
+            new.model.layers[j].router.bias.fill_(-THRESHOLD_LOGIT_LIMIT)
+            thresholds[plan.routed_layers.index(j)] = 0.5
+    new.config.router_threshold = thresholds
     return new
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fit_routers(
+    model: MoDForCausalLM, batches: Sequence[dict], options: FitOptions, progress: bool = True,
+    measured: LayerMeasurements | None = None,
+) -> tuple[MoDForCausalLM, FitRecord]:
+    """Route `model` to the budget of `options` (a `FitOptions`, or the step's `FitSettings`) from measurements on
+    `batches` (see the module docstring).
+
+    `measured`: measurements of `measure_layers` on the same model, batches and options, when several fits share them
+    (a sweep over budgets); the fit then measures only what they lack, and its result is the one it reaches measuring
+    everything itself. Returns a model (a new one: its routed layers change) with fitted routers, calibrated
+    thresholds and the chosen plan in `config.routing_plan`, and the record of what was measured.
+    """
+    start = time.perf_counter()
+    if model.config.router_kind != "threshold":
+        raise ValueError("fitting sets threshold routers: router_kind must be 'threshold', not "
+                         f"{model.config.router_kind!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("fitting routers needs at least one batch of calibration text")
+    budget, config, n_layers = options.budget(), model.config, model.config.num_hidden_layers
+    dense = measuring_model(model, options.routing_sink_tokens)
+    lookup = LookupCheck.from_batches(batches, options, config.max_position_embeddings)
+    measured = measured or LayerMeasurements.taken_with(options)
+    measured.check(n_layers, options)
+    measured = measured.with_costs(dense, batches, options.granularities(), progress)
+    layers, refused = candidate_layers(measured, options, n_layers)
+    measured = measured.with_lookup(dense, lookup, layers, options.granularities(), progress)
+    ranked, granularity, broken = routable_layers(measured, options, layers)
+    refused.update(broken)
+    record = FitRecord(
+        settings=fit_settings_record(options), budget=budget.record(),
+        removal_cost={g: [round(c, 5) for c in costs] for g, costs in measured.removal_costs.items()},
+        lookup_accuracy={"dense": round(measured.dense_lookup, 4), **{
+            g: [None if j not in acc else round(acc[j], 4) for j in range(n_layers)]
+            for g, acc in measured.lookup.items() if g in options.granularities()}},
+        layer_granularity={str(j): granularity[j] for j in sorted(granularity)},
+        refused_layers={str(j): refused[j] for j in sorted(refused)}, routed_layers=[], plan={}, plan_fractions={},
+        calibration_tokens=sum(int(b["input_ids"].numel()) for b in batches))
+
+    # How much the token-routing plan skips at this budget (with every routable layer fitted) says how many routers to
+    # fit: those of the cheapest layers, enough to hold it at max_skip, and a margin.
+    everything = plan_at_budget(lambda s: _plan_tokens(ranked, s, options.max_skip, set(ranked)), budget, config,
+                                granularity)
+    if everything is None:
+        raise ValueError(f"{budget} is out of reach of {len(ranked)} routable layers at max_skip={options.max_skip}; "
+                         f"raise the budget or max_skip (layers not routable: {refused})")
+    skipped = len(everything.routed_layers) - sum(everything.routed_share)  # layers' worth of skipped tokens
+    if skipped <= 1e-9:
+        new = with_plan(dense, RoutingPlan(n_layers, [], [], []), routing_sink_tokens=options.routing_sink_tokens)
+        return _finish(new, record, "dense", start)
+    needed = math.ceil(skipped / options.max_skip - 1e-9)
+    fitted = sorted(ranked[: min(len(ranked), 2 * needed)])
+    measured = measured.with_scores(dense, batches, fitted)
+    weights = fitted_router_weights(dense, {j: granularity[j] for j in fitted}, measured, batches, options)
+
+    # Candidate plans, each calibrated and measured whole on the calibration text (loss and look-up), because costs do
+    # not add up: skipping tokens in several layers compounds, deleting layers less so.
+    plans = {name: plan_at_budget(lambda s, build=build: build(ranked, s, options.max_skip, set(fitted)), budget,
+                                  config, granularity) for name, build in PLANS.items()}
+    base_loss, base_lookup = mean_loss(dense, batches), lookup.accuracy(dense)
+    best, seen = None, {}
+    for name, plan in tqdm(plans.items(), desc="measuring plans", disable=not progress):
+        if plan is None:
+            record.plans[name] = {"unreachable": True}
+            continue
+        if plan in seen:  # the same plan as another one: the same model
+            record.plans[name] = {**record.plans[seen[plan]], "same_as": seen[plan]}
+            continue
+        seen[plan] = name
+        candidate = model_for_plan(dense, plan, weights, options, batches)
+        loss, accuracy = mean_loss(candidate, batches), lookup.accuracy(candidate)
+        refused_plan = lookup_broken(accuracy, base_lookup, options)
+        record.plans[name] = {"loss_increase": round(loss - base_loss, 5), "lookup_accuracy": round(accuracy, 4),
+                              "dense_lookup_accuracy": round(base_lookup, 4), "refused": refused_plan,
+                              **plan_fractions(plan, config)}
+        if not refused_plan and (best is None or loss < best[0]):
+            best = (loss, name, candidate, plan)
+    if best is None:
+        raise ValueError(
+            f"every plan at {budget} breaks look-up (accuracy on a repeated passage below min_lookup_share="
+            f"{options.min_lookup_share} of the dense model's {base_lookup:.2f}: "
+            + ", ".join(f"{n} {p['lookup_accuracy']:.2f}" for n, p in record.plans.items() if "lookup_accuracy" in p)
+            + "); raise the budget, or lower min_lookup_share")
+    _, chosen, new, plan = best
+    record.routed_layers = list(plan.routed_layers)
+    record.plan, record.plan_fractions = plan.to_dict(), plan_fractions(plan, config)
+    return _finish(new, record, chosen, start)
+
+
+def _finish(model: MoDForCausalLM, record: FitRecord, chosen: str, start: float) -> tuple[MoDForCausalLM, FitRecord]:
+    record.chosen_plan = chosen
+    record.seconds = round(time.perf_counter() - start, 1)
+    model.config.calibration = {**(model.config.calibration or {}), "budget": record.budget, "fit": asdict(record)}
+    return model, record
+
+
 def fold_thresholds_into_biases(model: MoDForCausalLM) -> None:
-    """Move each routed layer's threshold into its router bias (`logit >= logit(p)` <=> `logit - logit(p) >= 0`), so
-    every threshold is the paper's p = 0.5 and the gates are centred on the decision boundary."""
-    thresholds = model.config.router_threshold
-    layers = model.config.routed_layers
-    thresholds = thresholds if isinstance(thresholds, list) else [thresholds] * len(layers)
+    """Move each routed layer's threshold into its router bias (`logit >= threshold_logit` <=> `logit -
+    threshold_logit >= 0`), so every threshold is the paper's p = 0.5 and the gates are centred on the decision
+    boundary."""
     with torch.no_grad():
-        for j, p in zip(layers, thresholds):
-            model.model.layers[j].router.bias.sub_(math.log(p) - math.log1p(-p))
+        for j in model.config.routed_layers:
+            router = model.model.layers[j].router
+            router.bias.sub_(router.threshold_logit)
     model.config.router_threshold = 0.5
 
 
@@ -464,21 +661,22 @@ def calibration_batches(
     return as_batches(calib), as_batches(held)
 
 
-def fit_settings_record(settings: FitSettings) -> dict:
+def fit_settings_record(options: FitOptions) -> dict:
     """The settings as the fit record stores them: what the fit does (the data sources are recorded apart, by name)."""
-    return {k: v for k, v in settings.recorded().items() if k not in data_fields()}
+    return {k: v for k, v in options.recorded().items() if k not in data_fields()}
 
 
 def fit_checkpoint(settings: FitSettings) -> dict:
-    """Fit the routers of the MoD checkpoint `settings.model` to `settings.executed_fraction` on `settings.data` and
-    write the routed checkpoint to `settings.out`.
+    """Fit the routers of the MoD checkpoint `settings.model` to the budget of `settings` on `settings.data` and write
+    the routed checkpoint to `settings.out`.
 
-    Returns the calibration record (with the fit record under `"fit"`, and the executed fraction measured on the
-    held-out blocks)."""
+    Returns the calibration record (the fit record under `"fit"`, and what the plan gives measured on the held-out
+    blocks under `"held_out"`)."""
     from transformers import AutoTokenizer
 
-    from .calibrate import _collect, executed_fraction
     from .atomic import atomic_output_dir
+    from .budget import measured_plan
+    from .calibrate import _collect
     from .checkpoint import load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint
     from .results import RESULTS_FILENAME, update_results
 
@@ -500,7 +698,7 @@ def fit_checkpoint(settings: FitSettings) -> dict:
     calibration = dict(model.config.calibration or {})
     if held:
         _, routed = _collect(model, held)
-        calibration["held_out_executed_fraction"] = round(executed_fraction(routed), 6)
+        calibration["held_out"] = plan_fractions(measured_plan(model.config, routed), model.config)
         calibration["held_out_tokens"] = int(sum(b["input_ids"].numel() for b in held))
     calibration["data"] = data_names(settings.data)
     model.config.calibration = calibration

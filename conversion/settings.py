@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
+from .budget import Budget
 from .steps import SettingsError, StepSettings, coerce, setting
 
 
@@ -94,17 +95,57 @@ class ConvertSettings(StepSettings):
 
 
 @dataclass
-class FitSettings(DataSettings):
-    """How `modification fit` sets routers from measurement, no training (see `conversion/fit.py`)."""
+class BudgetSettings(StepSettings):
+    """The budget of a step, in the unit that says what it saves: `kv_fraction`, or `flop_fraction` with its
+    `flop_context_length` (see `conversion/budget.py`). `budget_required`: whether a step must be given one."""
+
+    budget_required: ClassVar[bool] = True
+
+    kv_fraction: float | None = setting(None, "K/V entries written over the dense model's to reach (1.0 = dense); "
+                                              "or give flop_fraction instead")
+    flop_fraction: float | None = setting(None, "executed over dense FLOPs of a prefill of flop_context_length tokens "
+                                                "to reach (attention counted with its context dependence), instead "
+                                                "of kv_fraction")
+    flop_context_length: int | None = setting(None, "the prefill length (tokens) flop_fraction is counted at")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        given = [name for name in ("kv_fraction", "flop_fraction") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise SettingsError(self.step, "give one budget, kv_fraction or flop_fraction, not both", "flop_fraction")
+        if not given and self.budget_required:
+            raise SettingsError(self.step, "is required (or flop_fraction with flop_context_length)", "kv_fraction")
+        for name in given:
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise SettingsError(self.step, f"must lie in (0, 1], got {value}", name)
+        if self.flop_fraction is not None and self.flop_context_length is None:
+            raise SettingsError(self.step, "is required with flop_fraction (the prefill length its FLOPs are counted "
+                                           "at)", "flop_context_length")
+        if self.flop_context_length is not None and self.flop_fraction is None:
+            raise SettingsError(self.step, "counts flop_fraction, which is not given", "flop_context_length")
+        if self.flop_context_length is not None and self.flop_context_length < 1:
+            raise SettingsError(self.step, f"must be at least 1, got {self.flop_context_length}",
+                                "flop_context_length")
+
+    def budget(self) -> Budget | None:
+        """The budget asked for (None where a step may run without one)."""
+        if self.kv_fraction is None and self.flop_fraction is None:
+            return None
+        return Budget(self.kv_fraction, self.flop_fraction, self.flop_context_length)
+
+
+@dataclass
+class FitOptions(BudgetSettings):
+    """What `fit_routers` does (see `conversion/fit.py`): the budget and how the routers are chosen, without where the
+    step reads and writes (`FitSettings` adds that)."""
 
     step: ClassVar[str] = "fit"
 
-    data: list[str] = data_setting(required=True)
-    out: str | None = out_setting()
-    overwrite: bool = overwrite_setting()
-    progress: bool = progress_setting()
-    executed_fraction: float | None = setting(None, "executed fraction of token-layer work to reach (1.0 = dense)",
-                                              required=True)
+    routing_granularity: Literal["attention", "block", "auto"] = setting(
+        "attention", "what a skipped token leaves out: attention (the attention sub-layer and its K/V; it still runs "
+                     "the MLP), block (the whole layer), or auto (per layer, whichever costs less calibration loss "
+                     "for the same K/V saved)")
     routed_layers: Literal["auto"] | list[int] = setting(
         "auto", "auto: choose the layers from measured costs; or comma-separated layer indices (the budget is still "
                 "spread by cost)")
@@ -112,25 +153,52 @@ class FitSettings(DataSettings):
     max_skip: float = setting(0.6, "largest share of a layer's tokens its router may skip in the token-routing plans")
     ruinous_factor: float = setting(4.0, "a layer whose removal costs more than this times the median layer's is "
                                          "never routed")
+    min_lookup_share: float = setting(
+        0.8, "look-up guard: a layer, or a plan, whose skipping leaves less than this share of the dense model's "
+             "top-1 accuracy on a repeated passage is never chosen (0: no guard)")
+    lookup_passage_tokens: int = setting(64, "tokens of each passage of the look-up check, repeated one calibration "
+                                             "block later (at most half a block)")
+    lookup_trials: int = setting(4, "passages the look-up check scores (one batched forward pass per measurement)")
     label_samples: int = setting(2, "backward passes with labels drawn from the model's own predictions (the Fisher "
                                     "score)")
     ridge: float = setting(1e-3, "ridge penalty of the router regression, relative to the number of tokens")
     logit_scale: float = setting(2.0, "standard deviation of the fitted router logits on calibration text")
-    seq_len: int = setting(512, "tokens per calibration block")
-    blocks_per_source: int = setting(4, "blocks of seq_len tokens read from each data source")
-    held_out_fraction: float = setting(0.25, "share of the blocks held out to check the executed fraction on")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(0.0 < self.executed_fraction <= 1.0,
-                   f"executed_fraction must lie in (0, 1], got {self.executed_fraction}")
         self.check(0.0 < self.max_skip <= 1.0, f"max_skip must lie in (0, 1], got {self.max_skip}")
+        self.check(0.0 <= self.min_lookup_share <= 1.0,
+                   f"min_lookup_share must lie in [0, 1], got {self.min_lookup_share}")
+        for name, least in (("routing_sink_tokens", 0), ("label_samples", 1), ("lookup_trials", 1),
+                            ("lookup_passage_tokens", 2)):
+            self.check(getattr(self, name) >= least, f"{name} must be at least {least}, got {getattr(self, name)}")
+
+    def granularities(self) -> tuple[str, ...]:
+        """The granularities the fit measures and may choose per layer."""
+        return ("attention", "block") if self.routing_granularity == "auto" else (self.routing_granularity,)
+
+
+@dataclass
+class FitSettings(FitOptions, DataSettings):
+    """How `modification fit` sets routers from measurement, no training (see `conversion/fit.py`): `FitOptions` and
+    where it reads and writes."""
+
+    step: ClassVar[str] = "fit"
+
+    data: list[str] = data_setting(required=True)
+    out: str | None = out_setting()
+    overwrite: bool = overwrite_setting()
+    progress: bool = progress_setting()
+    seq_len: int = setting(512, "tokens per calibration block")
+    blocks_per_source: int = setting(4, "blocks of seq_len tokens read from each data source")
+    held_out_fraction: float = setting(0.25, "share of the blocks held out to check the budget on")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.check(0.0 <= self.held_out_fraction < 1.0,
                    f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
-        for name in ("routing_sink_tokens", "label_samples", "seq_len", "blocks_per_source"):
-            self.check(getattr(self, name) >= (0 if name == "routing_sink_tokens" else 1),
-                       f"{name} must be {'non-negative' if name == 'routing_sink_tokens' else 'at least 1'}, got "
-                       f"{getattr(self, name)}")
+        for name in ("seq_len", "blocks_per_source"):
+            self.check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 # The training recipes and what each trains; `train --recipe`, the release manifest and the card read this.
@@ -147,10 +215,13 @@ DEFAULT_LEARNING_RATE = {"routers": 1e-4, "lora": 1e-4, "full": 3e-5}
 
 
 @dataclass
-class TrainSettings(DataSettings):
-    """What `modification train` does (see `conversion/train.py`)."""
+class TrainSettings(BudgetSettings, DataSettings):
+    """What `modification train` does (see `conversion/train.py`). The budget is optional: given, the layer-load
+    objective holds each routed layer at its share of the checkpoint's plan scaled to it; not given, at the share of
+    the checkpoint's own plan (a fit's), or, without one, the paper's objective runs unheld."""
 
     step: ClassVar[str] = "train"
+    budget_required: ClassVar[bool] = False
 
     data: list[str] = data_setting(required=True)
     out: str | None = out_setting("output folder for the trained, standalone checkpoint")
@@ -171,9 +242,6 @@ class TrainSettings(DataSettings):
     warmup_steps: int = setting(0, "linear warm-up steps")
     weight_decay: float = setting(0.0, "AdamW weight decay of the non-router weights")
     load_loss_coef: float | None = setting(None, "alpha of the layer-load objective (default: the checkpoint's)")
-    executed_fraction: float | None = setting(
-        None, "executed fraction to hold: the load objective pushes each routed layer towards the routed fraction "
-              "that gives it, from both sides (default: a fitted checkpoint's per-layer plan)")
     lora_r: int = setting(16, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA alpha")
     lora_dropout: float = setting(0.0, "LoRA dropout")
@@ -191,14 +259,12 @@ class TrainSettings(DataSettings):
         super().__post_init__()
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_steps", "logging_steps"):
             self.check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        self.check(self.executed_fraction is None or 0.0 < self.executed_fraction <= 1.0,
-                   f"executed_fraction must lie in (0, 1], got {self.executed_fraction}")
         self.check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
 
 
 @dataclass
-class CalibrateSettings(DataSettings):
-    """How `modification calibrate` sets thresholds to a compute budget (see `conversion/calibrate.py`)."""
+class CalibrateSettings(BudgetSettings, DataSettings):
+    """How `modification calibrate` sets thresholds to a budget (see `conversion/calibrate.py`)."""
 
     step: ClassVar[str] = "calibrate"
 
@@ -206,7 +272,6 @@ class CalibrateSettings(DataSettings):
     out: str | None = out_setting("output folder (default: update the model folder in place)", required=False)
     overwrite: bool = overwrite_setting()
     progress: bool = progress_setting()
-    executed_fraction: float | None = setting(None, "executed fraction of token-layer work to reach", required=True)
     seq_len: int = setting(512, "tokens per calibration block")
     max_blocks: int = setting(16, "calibration blocks of seq_len tokens")
     held_out_fraction: float = setting(0.25, "share of blocks to check the result on")
@@ -214,8 +279,6 @@ class CalibrateSettings(DataSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(0.0 < self.executed_fraction <= 1.0,
-                   f"executed_fraction must lie in (0, 1], got {self.executed_fraction}")
         self.check(self.seq_len >= 2 and self.max_blocks >= 1, "seq_len must be at least 2 and max_blocks at least 1")
         self.check(0.0 <= self.held_out_fraction < 1.0,
                    f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")

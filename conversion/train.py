@@ -2,8 +2,9 @@
 
 The loss is the model's own: LM loss plus the routing objective (layer-load objective for threshold routing, BCE for
 top-k). Per-layer routed fractions and mean gates are logged from the first step, because the layer-load objective is
-bistable (too weak and the model stays dense, too strong and every gate shuts); `executed_fraction` turns it
-into a controller that settles at a compute budget (see `MoDConfig.load_loss_target`).
+bistable (too weak and the model stays dense, too strong and every gate shuts); holding each routed layer at its share
+of a `RoutingPlan` (the checkpoint's, a fit's, or it brought to `kv_fraction` / `flop_fraction`) turns it into a
+controller that settles at the budget (see `MoDConfig.load_loss_target`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from modification.modeling import MoDForCausalLM
 
-from .calibrate import routed_fraction_for_target
 from .atomic import atomic_output_dir
+from .budget import checkpoint_plan
 from .checkpoint import (
     fastest_attn_implementation, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint,
 )
@@ -73,7 +74,7 @@ class RoutingStatsTrainer(Trainer):
 
     @torch.no_grad()
     def _record(self, outputs, lm_loss) -> None:
-        stats = {"executed_fraction": float(outputs.routed_fraction.mean())}
+        stats = {"kv_fraction": float(outputs.routed_fraction.mean())}  # K/V written over the dense model's
         if lm_loss is not None:
             stats["lm_loss"] = float(lm_loss)
         config = self.model.config
@@ -158,12 +159,13 @@ def train(settings: TrainSettings) -> Path:
         model.set_attn_implementation(fastest_attn_implementation(torch.device("cuda")))
     if settings.load_loss_coef is not None:
         model.config.load_loss_coef = settings.load_loss_coef
-    fit = (model.config.calibration or {}).get("fit")
-    if settings.executed_fraction is not None:
-        model.config.load_loss_target = routed_fraction_for_target(model, settings.executed_fraction)
-    elif fit and fit.get("routed_layers") == model.config.routed_layers:
-        # fitted routers: hold each layer at the fraction the fit planned for it
-        model.config.load_loss_target = [1.0 - fit["planned_skip"][str(j)] for j in model.config.routed_layers]
+    budget = settings.budget()
+    if budget is not None or model.config.routing_plan is not None:
+        # hold each routed layer at its share of the plan: the checkpoint's (a fit's), brought to the budget if given
+        plan = checkpoint_plan(model.config)
+        plan = budget.scale(plan, model.config) if budget is not None else plan
+        model.config.routing_plan = plan.to_dict()
+        model.config.load_loss_target = list(plan.routed_share)
     model.config.validate()
     if settings.gradient_checkpointing:
         enable_checkpointing(model)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from helpers import VOCAB, text_mod_checkpoint, tiny_base
 from modification.conversion import fit
 from modification.conversion.atomic import atomic_replace_section
 from modification.conversion.convert import convert_model
-from modification.conversion.fit import FitSettings, LayerMeasurements, fit_routers, measure_layers
+from modification.conversion.fit import LayerMeasurements, fit_routers, measure_layers
+from modification.conversion.settings import FitOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,35 +49,37 @@ def _same_fit(a, b) -> None:
 def test_fit_with_measurements_made_once_equals_the_fit_measuring_itself(monkeypatch):
     model = convert_model(tiny_base("llama", num_layers=6), router_kind="threshold")
     calib = _batches(3)
-    measured = measure_layers(model, calib, FitSettings(), progress=False)
-    assert len(measured.removal_costs) == 6 and sorted(measured.scores) == list(range(6))
+    measured = measure_layers(model, calib, FitOptions(kv_fraction=1.0), progress=False)
+    assert len(measured.removal_costs["attention"]) == 6 and sorted(measured.scores) == list(range(6))
+    assert measured.dense_lookup is not None and measured.lookup["attention"]
     for target in (0.85, 0.7):
-        settings = FitSettings(executed_fraction=target)
+        settings = FitOptions(kv_fraction=target)
         itself = fit_routers(model, calib, settings, progress=False)
         with monkeypatch.context() as patch:  # given every measurement, the fit measures nothing again
-            for name in ("layer_removal_costs", "fisher_scores"):
+            for name in ("layer_removal_costs", "layer_lookup_accuracy", "fisher_scores"):
                 patch.setattr(fit, name, lambda *a, name=name, **k: pytest.fail(f"{name} measured again"))
             given = fit_routers(model, calib, settings, progress=False, measured=measured)
         _same_fit(itself, given)
-    # only the costs given: the fit scores the layers it needs itself, with the same result
-    costs_only = LayerMeasurements(measured.removal_costs, measured.routing_sink_tokens, measured.label_samples)
+    # only the costs given: the fit measures look-up and scores the layers it needs itself, with the same result
+    costs_only = replace(LayerMeasurements.taken_with(settings), removal_costs=measured.removal_costs)
     _same_fit(itself, fit_routers(model, calib, settings, progress=False, measured=costs_only))
 
 
 def test_given_measurements_steer_the_fit_and_must_match_it():
     model = convert_model(tiny_base("llama", num_layers=6), router_kind="threshold")
     calib = _batches(2)
-    measured = measure_layers(model, calib, FitSettings(), progress=False)
+    measured = measure_layers(model, calib, FitOptions(kv_fraction=1.0), progress=False)
     # make layer 5 by far the cheapest and layer 2 ruinous: the fit must follow the costs it is given
     costs = [1.0, 1.0, 100.0, 1.0, 1.0, 0.0]
-    steered = LayerMeasurements(costs, 4, 2, measured.inputs, measured.scores)
-    _, record = fit_routers(model, calib, FitSettings(executed_fraction=0.9), progress=False, measured=steered)
+    steered = replace(measured, removal_costs={"attention": costs})
+    _, record = fit_routers(model, calib, FitOptions(kv_fraction=0.9), progress=False, measured=steered)
     assert 5 in record.routed_layers and 2 not in record.routed_layers
-    assert record.layer_removal_cost == costs
+    assert record.removal_cost == {"attention": costs} and record.refused_layers["2"].startswith("ruinous")
     with pytest.raises(ValueError, match="routing_sink_tokens=4, the fit asks for 2"):
-        fit_routers(model, calib, FitSettings(routing_sink_tokens=2), progress=False, measured=measured)
+        fit_routers(model, calib, FitOptions(kv_fraction=0.9, routing_sink_tokens=2), progress=False,
+                    measured=measured)
     with pytest.raises(ValueError, match="6 layer costs, the model has 4 layers"):
-        fit_routers(convert_model(tiny_base("llama"), router_kind="threshold"), calib, FitSettings(),
+        fit_routers(convert_model(tiny_base("llama"), router_kind="threshold"), calib, FitOptions(kv_fraction=0.9),
                     progress=False, measured=measured)
 
 
@@ -111,7 +115,9 @@ def test_quality_curve_runs_end_to_end_on_a_tiny_model(tmp_path):
         training = result["training"][variant]["0.8"]
         assert training["seconds"] > 0 and training["log"] and "loss" in training["log"][0]
     assert result["plans"]["0.8"]["chosen_plan"] in {"tokens", "layers", "mixed"}
-    assert len(result["layer_removal_cost"]) == len(result["shortgpt_cosine"]) == 4
+    assert len(result["layer_removal_cost"]["attention"]) == len(result["shortgpt_cosine"]) == 4
+    assert result["plans"]["0.8"]["plan"]["granularity"] and set(result["plans"]["0.8"]["plan"]["granularity"]) == {
+        "attention"}
 
     md = tmp_path / "results.md"
     md.write_text("Written by people.\n\n<!-- begin: quality_curve -->\nold\n<!-- end: quality_curve -->\n\n"

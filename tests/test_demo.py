@@ -20,7 +20,7 @@ from modification.push_scripts.manifest import DEFAULT_MANIFEST, load_manifest, 
 KINDS = ("shakespeare", "kjv", "gcide")
 # The demo at the size of a tiny model (what `run_tiny_demo` runs).
 TINY_CHANGES = {
-    "fit": {"executed_fraction": 0.8, "seq_len": 64, "blocks_per_source": 4},
+    "fit": {"kv_fraction": 0.8, "seq_len": 64, "blocks_per_source": 4},
     "eval": {"context_lengths": [128], "max_tokens": 600},
     "bench": {"lengths": [64], "decode_batch_sizes": [1], "repetitions": 1},
 }
@@ -65,7 +65,7 @@ def test_demo_is_the_release_member_with_smaller_settings(tmp_path, monkeypatch)
     held = [f"modification-demo-work/texts/{k}-held_out.txt" for k in KINDS]
     convert, fit, evaluation, bench, card = (steps[n] for n in ("convert", "fit", "eval", "bench", "card"))
     assert convert.base == "smollm2-135m-instruct" and convert.out == "modification-demo-work/converted"
-    assert fit.model == convert.out and fit.out == "modification-demo" and fit.executed_fraction == 0.8
+    assert fit.model == convert.out and fit.out == "modification-demo" and fit.kv_fraction == 0.8
     assert fit.data == train and fit.routed_layers == "auto" and (fit.seq_len, fit.blocks_per_source) == (512, 2)
     assert evaluation.model == "modification-demo" and evaluation.base == "smollm2-135m-instruct"
     assert evaluation.data == held and evaluation.context_lengths == [512] and evaluation.max_tokens == 4096
@@ -82,20 +82,21 @@ def test_demo_is_the_release_member_with_smaller_settings(tmp_path, monkeypatch)
 
     # a folder base: no licence claimed for it, and the steps name the folder
     own = DemoBase(arg=str(tmp_path / "my-llama"), folder=str(tmp_path / "my-llama"))
-    member = demo_member(own, tmp_path / "out", ["kjv"], {"fit": {"executed_fraction": 0.7}})
+    member = demo_member(own, tmp_path / "out", ["kjv"], {"fit": {"kv_fraction": 0.7}})
     steps = {s.name: s.settings for s in member.steps}
     assert steps["card"].license is None and steps["card"].base_model is None
-    assert steps["convert"].base == str(tmp_path / "my-llama") and steps["fit"].executed_fraction == 0.7
+    assert steps["convert"].base == str(tmp_path / "my-llama") and steps["fit"].kv_fraction == 0.7
     assert steps["bench"].data == ["out-work/texts/kjv-held_out.txt"]
 
 
 def test_demo_command_line():
     args = build_parser().parse_args(["demo"])
-    assert (args.base, args.executed_fraction, args.out, args.threads) == (None, None, "modification-demo", None)
-    args = build_parser().parse_args(["demo", "--base", "/models/llama", "--executed-fraction", "0.9",
+    assert (args.base, args.kv_fraction, args.out, args.threads) == (None, None, "modification-demo", None)
+    args = build_parser().parse_args(["demo", "--base", "/models/llama", "--kv-fraction", "0.9",
                                       "--threads", "1"])
-    assert (args.base, args.executed_fraction, args.threads) == ("/models/llama", 0.9, 1)
-    for removed in (["--recipe", "lora"], ["--steps", "10"], ["--target", "0.7"]):  # no training, one name per option
+    assert (args.base, args.kv_fraction, args.threads) == ("/models/llama", 0.9, 1)
+    # no training, one name per option
+    for removed in (["--recipe", "lora"], ["--steps", "10"], ["--target", "0.7"], ["--executed-fraction", "0.7"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["demo", *removed])
 
@@ -135,6 +136,9 @@ def test_demo_runs_end_to_end_on_a_tiny_base(tmp_path, monkeypatch, capsys):
     quality, rows = summary_rows(results)
     assert [q[0] for q in quality] == ["shakespeare @128", "kjv @128"]
     assert any(k.startswith("prefill time @64") for k, _ in rows)
+    shown = dict(rows)
+    assert shown["budget asked (fit)"] == "kv_fraction 0.8" and shown["planned by fit"].startswith("KV 0.800, FLOPs ")
+    assert "attention" in shown["routed layers (chosen by fit)"]
     with pytest.raises(FileExistsError):
         run_demo("demo-out", base=str(tmp_path / "model" / "base"), changes=TINY_CHANGES, progress=False)
 

@@ -60,7 +60,8 @@ TRAIN_SAMPLES = {
     "warmup_steps": 1,
     "weight_decay": 0.05,
     "load_loss_coef": 0.5,
-    "executed_fraction": 0.9,
+    "flop_fraction": 0.9,  # a budget: this one, or kv_fraction (TRAIN_BUDGET_ALTERNATIVE)
+    "flop_context_length": 64,
     "lora_r": 4,
     "lora_alpha": 8,
     "lora_dropout": 0.1,
@@ -75,16 +76,19 @@ TRAIN_SAMPLES = {
     "max_tokens_per_source": 4000,
 }
 
+# One budget is given: the samples give the FLOP budget, so the KV budget stays unset.
+TRAIN_BUDGET_ALTERNATIVE = "kv_fraction"
 
 # Values other than the defaults for some fields of every command's settings (folders, lists, bools, unions).
 SETTINGS_SAMPLES = {
     "convert": {"base": "org/base", "out": "mod", "dtype": "bfloat16", "revision": "v1", "overwrite": True,
                 "trust_remote_code": True, "routing": ROUTING_SAMPLES},
-    "fit": {"model": "mod", "out": "fitted", "data": ["a.txt", "b c.txt"], "executed_fraction": 0.7,
-            "routed_layers": [1, 3], "ridge": 0.01, "progress": False},
+    "fit": {"model": "mod", "out": "fitted", "data": ["a.txt", "b c.txt"], "flop_fraction": 0.7,
+            "flop_context_length": 4096, "routing_granularity": "auto", "routed_layers": [1, 3], "ridge": 0.01,
+            "min_lookup_share": 0.5, "progress": False},
     "train": {**{k: v for k, v in TRAIN_SAMPLES.items() if k != "data"}, "data": ["a.txt"], "model": "mod",
               "out": "trained", "checkpoint_dir": "ck", "resume": True, "save_adapter": True, "overwrite": True},
-    "calibrate": {"model": "mod", "data": ["a.txt"], "executed_fraction": 0.75, "global_threshold": True,
+    "calibrate": {"model": "mod", "data": ["a.txt"], "kv_fraction": 0.75, "global_threshold": True,
                   "max_blocks": 8},
     "eval": {"model": "mod", "base": "org/base", "no_base": True, "data": ["a.txt"], "context_lengths": [64, 128],
              "tasks": ["x", "y"], "tasks_path": ["p1", "p2"], "limit": 0.5, "tasks_batch_size": "auto",
@@ -120,7 +124,8 @@ def _argv(values: dict) -> list[str]:
 
 def test_samples_cover_every_declared_field():
     assert set(ROUTING_SAMPLES) == set(ROUTING_FIELDS)
-    assert set(TRAIN_SAMPLES) == {f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("recorded", True)}
+    assert set(TRAIN_SAMPLES) | {TRAIN_BUDGET_ALTERNATIVE} == {
+        f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("recorded", True)}
     defaults = _defaults(MoDConfig)
     assert all(ROUTING_SAMPLES[name] != defaults[name] for name in ROUTING_FIELDS)
     defaults = _defaults(TrainSettings)
@@ -229,7 +234,7 @@ def test_training_settings_round_trip_cli_settings_results_card(tmp_path, offlin
     mod, train_txt, _ = text_mod_checkpoint(tmp_path / "model")
     values = {**TRAIN_SAMPLES, "data": [str(train_txt)]}
     args = build_parser().parse_args(["train", "--model", str(mod), "--out", "x", *_argv(values)])
-    assert settings_from_args(TrainSettings, args).recorded() == values  # CLI -> settings
+    assert settings_from_args(TrainSettings, args).recorded() == {**values, TRAIN_BUDGET_ALTERNATIVE: None}
 
     # A real run with every value but fsdp (field, split and config are not read from a .txt file).
     run = {**values, "fsdp": False}
@@ -256,7 +261,9 @@ def test_training_settings_round_trip_cli_settings_results_card(tmp_path, offlin
     (["train", "--model", "m", "--out", "o", "--data", "d"], "--lr"),
     (["train", "--model", "m", "--out", "o", "--data", "d"], "--router-lr"),
     (["bench", "--model", "m"], "--target-executed-fraction"),
-    (["fit", "--model", "m", "--out", "o", "--data", "d"], "--executed"),  # no abbreviations either
+    (["fit", "--model", "m", "--out", "o", "--data", "d"], "--executed-fraction"),
+    (["calibrate", "--model", "m", "--data", "d"], "--executed-fraction"),
+    (["fit", "--model", "m", "--out", "o", "--data", "d"], "--kv"),  # no abbreviations either
 ])
 def test_one_name_per_option(command, old, capsys):
     with pytest.raises(SystemExit):
@@ -266,7 +273,7 @@ def test_one_name_per_option(command, old, capsys):
 
 def test_a_missing_required_setting_names_it(capsys):
     assert cli(["calibrate", "--model", "m", "--data", "d"]) == 2
-    assert "modification calibrate: error: calibrate.executed_fraction: is required" in capsys.readouterr().err
+    assert "modification calibrate: error: calibrate.kv_fraction: is required" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["demo", "--help"]])

@@ -40,7 +40,7 @@ def _write_manifest(tmp_path, base, **member_overrides) -> str:
         "defaults": {
             "convert": {"routing": {"router_kind": "threshold", "gate_mode": "exact"}},
             "train": {"recipe": "routers", "seq_len": 64, "learning_rate": 1.0e-4},
-            "calibrate": {"executed_fraction": 0.75},
+            "calibrate": {"kv_fraction": 0.75},
             "eval": {"data": ["held-out.txt"], "tasks": ["cloze", "copy"]},
             "push": {"private": True},
         },
@@ -61,7 +61,7 @@ def test_each_step_gets_its_settings(tmp_path):
         "--routed-layers 1,3 --router-threshold 0.5,0.6",
         f"modification train --model {w}/converted --data tiny.txt --out {w}/trained --recipe routers --steps 3 "
         "--seq-len 64 --learning-rate 0.001",
-        f"modification calibrate --model {w}/trained --data calib.txt --out {w}/calibrated --executed-fraction 0.75 "
+        f"modification calibrate --model {w}/trained --data calib.txt --out {w}/calibrated --kv-fraction 0.75 "
         "--seq-len 64",
         f"modification eval --model {w}/calibrated --data held-out.txt --base /models/tiny-base --tasks cloze,copy",
         f"modification push --checkpoint {w}/calibrated --repo-id test-org/demo-mod --private --base-model "
@@ -100,7 +100,9 @@ def test_shipped_manifest_plans_every_member_in_a_dry_run(capsys):
     ({"train": {"recipe": "everything"}}, "members.demo.train.recipe: must be one of routers, lora, full"),
     ({"convert": {"routing": {"thresold": 0.5}}}, "members.demo.convert.routing: unknown key(s) thresold"),
     ({"repo_id": "no-org"}, "members.demo.repo_id: must look like org/name"),
-    ({"calibrate": {"executed_fraction": "most"}}, "members.demo.calibrate.executed_fraction: must be a number"),
+    ({"calibrate": {"kv_fraction": "most"}}, "members.demo.calibrate.kv_fraction: must be a number"),
+    ({"calibrate": {"kv_fraction": 0.7, "flop_fraction": 0.6, "flop_context_length": 4096}},
+     "members.demo.calibrate.flop_fraction: give one budget, kv_fraction or flop_fraction, not both"),
     ({"train": {"steps": 2.5}}, "members.demo.train.steps: must be an integer"),
     ({"convert": {"routing": {"topk_capacity": [0.5]}}},
      "members.demo.convert.routing.topk_capacity: must be a number"),
@@ -163,9 +165,9 @@ def test_full_release_chain_runs_every_step_to_the_loopback_hub(tmp_path, monkey
     (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny base\n")
     manifest = _write_manifest(
         tmp_path, base,
-        train={"recipe": "routers", "data": [str(train_txt)], "steps": 2, "seq_len": 64, "executed_fraction": 0.8,
+        train={"recipe": "routers", "data": [str(train_txt)], "steps": 2, "seq_len": 64, "kv_fraction": 0.8,
                "load_loss_coef": 1.0},
-        calibrate={"executed_fraction": 0.8, "data": [str(train_txt)]},
+        calibrate={"kv_fraction": 0.8, "data": [str(train_txt)]},
         eval={"data": [str(held_txt)], "tasks": None, "context_lengths": [128], "max_tokens": 3000},
     )
     with HubStub() as hub:
@@ -177,7 +179,8 @@ def test_full_release_chain_runs_every_step_to_the_loopback_hub(tmp_path, monkey
         assert cli(["release", "--manifest", manifest, "--members", "demo"]) == 0
     files = hub.files("test-org/demo-mod")
     results = json.loads(files["results.json"])
-    assert results["training"]["recipe"] == "routers" and results["routing"]["calibration"]["target_executed_fraction"] == 0.8
+    assert results["training"]["recipe"] == "routers"
+    assert results["routing"]["calibration"]["budget"] == {"kv_fraction": 0.8}
     [row] = results["quality"]["perplexity"]
     card = files["README.md"].decode()
     assert f"{row['mod']:.6g}" in card and f"{row['base']:.6g}" in card
@@ -193,8 +196,7 @@ def test_cpu_member_fits_on_symbolic_texts_and_dry_runs_the_push():
     w = f"work/{CPU_MEMBER}"
     convert, fit, evaluation, card, push = steps.values()
     assert (convert.base, convert.out, convert.dtype) == ("smollm2-135m-instruct", f"{w}/converted", "float32")
-    assert (fit.model, fit.out, fit.executed_fraction, fit.routed_layers) == (f"{w}/converted", f"{w}/fitted", 0.8,
-                                                                              "auto")
+    assert (fit.model, fit.out, fit.kv_fraction, fit.routed_layers) == (f"{w}/converted", f"{w}/fitted", 0.8, "auto")
     assert fit.data == [f"{w}/texts/{kind}-train.txt" for kind in ("shakespeare", "kjv", "gcide")]
     assert (evaluation.model, evaluation.base) == (f"{w}/fitted", "smollm2-135m-instruct")
     assert evaluation.data == [f"{w}/texts/{kind}-held_out.txt" for kind in ("shakespeare", "kjv", "gcide")]
@@ -210,14 +212,17 @@ def test_cpu_member_fits_on_symbolic_texts_and_dry_runs_the_push():
 
 
 @pytest.mark.parametrize("fit,message", [
-    ({"executed_fraction": 0.8, "data": ["texts:poetry/train"]},
+    ({"kv_fraction": 0.8, "data": ["texts:poetry/train"]},
      "members.demo.fit.data: 'texts:poetry/train': texts are named"),
-    ({"executed_fraction": 0.8, "data": ["texts:kjv/test"]}, "members.demo.fit.data: 'texts:kjv/test'"),
-    ({"executed_fraction": 0.8, "data": ["a.txt"], "routed_layers": "some"},
+    ({"kv_fraction": 0.8, "data": ["texts:kjv/test"]}, "members.demo.fit.data: 'texts:kjv/test'"),
+    ({"kv_fraction": 0.8, "data": ["a.txt"], "routed_layers": "some"},
      "members.demo.fit.routed_layers: must be auto"),
-    ({"executed_fraction": 0.8, "data": ["a.txt"], "steps": 3}, "members.demo.fit: unknown key(s) steps"),
-    ({"data": ["a.txt"]}, "members.demo.fit.executed_fraction: is required"),
-    ({"executed_fraction": 0.8}, "members.demo.fit.data: is required"),
+    ({"kv_fraction": 0.8, "data": ["a.txt"], "routing_granularity": "mlp"},
+     "members.demo.fit.routing_granularity: must be one of attention, block, auto, got 'mlp'"),
+    ({"kv_fraction": 0.8, "data": ["a.txt"], "steps": 3}, "members.demo.fit: unknown key(s) steps"),
+    ({"data": ["a.txt"]}, "members.demo.fit.kv_fraction: is required"),
+    ({"flop_fraction": 0.8, "data": ["a.txt"]}, "members.demo.fit.flop_context_length: is required with flop"),
+    ({"kv_fraction": 0.8}, "members.demo.fit.data: is required"),
 ])
 def test_fit_section_mistakes_name_the_field(tmp_path, capsys, fit, message):
     manifest = _write_manifest(tmp_path, "org/base", fit=fit)
@@ -240,7 +245,7 @@ def test_cpu_release_chain_with_fit_card_and_dry_run_push(tmp_path, monkeypatch,
         kind: {"train": train_txt, "held_out": held_txt} for kind in wanted})
     manifest = _write_manifest(
         tmp_path, base, license="mit", train=None, calibrate=None, card={},
-        fit={"executed_fraction": 0.8, "data": [f"texts:{k}/train" for k in kinds], "seq_len": 64,
+        fit={"kv_fraction": 0.8, "data": [f"texts:{k}/train" for k in kinds], "seq_len": 64,
              "blocks_per_source": 4},
         eval={"data": [f"texts:{k}/held_out" for k in kinds], "tasks": None, "context_lengths": [128],
               "max_tokens": 1500},
@@ -259,7 +264,8 @@ def test_cpu_release_chain_with_fit_card_and_dry_run_push(tmp_path, monkeypatch,
     results = json.loads((fitted / "results.json").read_text())
     assert [r["dataset"] for r in results["quality"]["perplexity"]] == [f"{k}-held_out.txt" for k in kinds]
     calibration = results["routing"]["calibration"]
-    assert calibration["data"] == [f"{k}-train.txt" for k in kinds] and calibration["target_executed_fraction"] == 0.8
+    assert calibration["data"] == [f"{k}-train.txt" for k in kinds] and calibration["budget"] == {"kv_fraction": 0.8}
+    assert calibration["fit"]["plan_fractions"]["kv_fraction"] == pytest.approx(0.8)
     assert abs(results["efficiency"]["executed_fraction"] - 0.8) < 0.1
     card = (fitted / "README.md").read_text()
     assert "license: mit" in card and "base_model: test-org/tiny-llama" in card
@@ -283,7 +289,7 @@ def test_a_member_and_the_same_steps_typed_as_commands_give_the_same_checkpoint(
     base = tmp_path / "model" / "base"
     manifest = _write_manifest(
         tmp_path, base, license="mit", train=None, calibrate=None, card={},
-        fit={"executed_fraction": 0.8, "data": [str(train_txt)], "seq_len": 64, "blocks_per_source": 4},
+        fit={"kv_fraction": 0.8, "data": [str(train_txt)], "seq_len": 64, "blocks_per_source": 4},
         eval={"data": [str(held_txt)], "tasks": None, "context_lengths": [128], "max_tokens": 1500},
         push={"dry_run": True},
     )
@@ -299,7 +305,7 @@ def test_a_member_and_the_same_steps_typed_as_commands_give_the_same_checkpoint(
     for argv in (
         ["convert", "--base", str(base), "--out", f"{w}/converted", "--router-kind", "threshold", "--gate-mode",
          "exact", "--routed-layers", "1,3", "--router-threshold", "0.5,0.6"],
-        ["fit", "--model", f"{w}/converted", "--out", f"{w}/fitted", "--data", str(train_txt), "--executed-fraction",
+        ["fit", "--model", f"{w}/converted", "--out", f"{w}/fitted", "--data", str(train_txt), "--kv-fraction",
          "0.8", "--seq-len", "64", "--blocks-per-source", "4"],
         ["eval", "--model", f"{w}/fitted", "--base", str(base), "--data", str(held_txt), "--context-lengths", "128",
          "--max-tokens", "1500"],

@@ -35,7 +35,7 @@ def _settings(mod, out, train_file, **kw):
 def test_router_recipe_changes_only_routers(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
     (mod / "LICENSE").write_text("base licence")
-    out = train(_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=3))
+    out = train(_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=3, kv_fraction=0.8))
     for name in ("tokenizer.json", "tokenizer_config.json", "LICENSE"):  # travel byte for byte
         assert (out / name).read_bytes() == (mod / name).read_bytes(), name
     results = json.loads((out / "results.json").read_text())
@@ -47,6 +47,11 @@ def test_router_recipe_changes_only_routers(text_ckpt, tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(".router." in k for k in changed)
     assert {k for k in before if ".router." in k} == set(changed)
+    # the budget, held: each routed layer (1 and 3 of 4) at its share of the plan brought to a KV fraction of 0.8
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["load_loss_target"] == pytest.approx([0.6, 0.6])
+    assert saved["routing_plan"]["routed_share"] == pytest.approx([0.6, 0.6])
+    assert results["training"]["kv_fraction"] == 0.8
 
 
 def test_lora_adapter_round_trips_and_merged_checkpoint_matches(text_ckpt, tmp_path):
@@ -69,15 +74,15 @@ def test_lora_adapter_round_trips_and_merged_checkpoint_matches(text_ckpt, tmp_p
     assert record["recipe"] == "lora" and record["steps"] == 3
 
 
-def test_load_objective_lowers_executed_fraction_on_real_text(text_ckpt, tmp_path):
+def test_load_objective_lowers_the_kv_fraction_on_real_text(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
     settings = _settings(mod, tmp_path / "out", train_file, recipe="routers", steps=25, load_loss_coef=1.0,
                          router_learning_rate=0.05, logging_steps=5)
     out = train(settings)
-    log = [row for row in json.loads((out / "training_log.json").read_text()) if "executed_fraction" in row]
+    log = [row for row in json.loads((out / "training_log.json").read_text()) if "kv_fraction" in row]
     assert log[0]["step"] == 1 and "routed/layer_1" in log[0] and "gate/layer_1" in log[0]
-    assert log[0]["executed_fraction"] == 1.0
-    assert log[-1]["executed_fraction"] < 0.9
+    assert log[0]["kv_fraction"] == 1.0
+    assert log[-1]["kv_fraction"] < 0.9
     assert all(torch.isfinite(torch.tensor(row["lm_loss"])) for row in log)
 
 
@@ -85,11 +90,11 @@ def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
     mod, train_file, held_file = text_ckpt
     trained = train(_settings(mod, tmp_path / "trained", train_file, recipe="routers", steps=25, load_loss_coef=1.0,
                               router_learning_rate=0.05))
-    settings = CalibrateSettings(model=str(trained), out=str(tmp_path / "cal"), executed_fraction=0.8,
+    settings = CalibrateSettings(model=str(trained), out=str(tmp_path / "cal"), kv_fraction=0.8,
                                  data=[str(train_file)], seq_len=128, max_blocks=24, held_out_fraction=0.0,
                                  progress=False)
     record = calibrate_checkpoint(settings)
-    assert abs(record["measured_executed_fraction"] - 0.8) < 0.01
+    assert abs(record["measured"]["kv_fraction"] - 0.8) < 0.01
     # held-out text: works the calibration never saw
     model = MoDForCausalLM.from_pretrained(tmp_path / "cal").eval()
     from transformers import AutoTokenizer
@@ -104,10 +109,12 @@ def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
     assert abs(fraction - 0.8) <= 0.02
     results = json.loads((tmp_path / "cal" / "results.json").read_text())
     assert results["training"]["recipe"] == "routers"  # kept from training, with the new routing
-    assert results["routing"]["calibration"]["target_executed_fraction"] == 0.8
+    assert results["routing"]["calibration"]["budget"] == {"kv_fraction": 0.8}
     saved = json.loads((tmp_path / "cal" / "config.json").read_text())
-    assert saved["calibration"]["target_executed_fraction"] == 0.8
+    assert saved["calibration"]["budget"] == {"kv_fraction": 0.8}
     assert isinstance(saved["router_threshold"], list)
+    # no fit's plan: the budget spread evenly over the routed layers, and stored as the checkpoint's plan
+    assert saved["routing_plan"]["routed_share"] == pytest.approx([0.6, 0.6])
 
 
 def test_resume_continues_from_saved_step(text_ckpt, tmp_path):
