@@ -261,21 +261,25 @@ def summary_rows(results: dict) -> tuple[list[tuple[str, str, str, str]], list[t
                         f"{row['mod']:.2f}", "n/a" if base is None else f"{row['mod'] / base:.3f}"))
     eff = results.get("efficiency", {})
     rows = []
-    if "executed_fraction" in eff:
-        rows.append(("executed fraction (held-out text)", f"{eff['executed_fraction']:.3f}"))
+    if "kv_fraction" in eff:
+        rows.append(("KV fraction (held-out text)", f"{eff['kv_fraction']:.3f}"))
+    for length, value in (eff.get("flop_fraction") or {}).items():
+        rows.append((f"FLOP fraction of a {length}-token prefill", f"{value:.3f}"))
     calibration = results.get("routing", {}).get("calibration") or {}
     if calibration.get("target_executed_fraction") is not None:
         rows.append(("target executed fraction (fit)", f"{calibration['target_executed_fraction']:.3f}"))
     fit = calibration.get("fit") or {}
     if fit.get("routed_layers"):
         rows.append(("routed layers (chosen by fit)", ",".join(map(str, fit["routed_layers"]))))
-    if eff.get("kv_ratio") is not None:
-        rows.append(("KV-cache bytes, MoD / base", f"{eff['kv_ratio']:.3f}"))
+    for row in results.get("quality", {}).get("lookup", []):
+        base = row["base"]
+        rows.append((f"look-up accuracy at distance {row['distance']}, MoD / base",
+                     f"{row['mod']['accuracy']:.2f} / " + ("n/a" if base is None else f"{base['accuracy']:.2f}")))
     for row in eff.get("latency", []):
         rows.append((f"prefill time @{row['context_length']}, MoD / base",
-                     f"{row['prefill_latency_ratio']:.3f} (ideal {row['ideal_latency_ratio']:.3f})"))
+                     f"{row['prefill_latency_ratio']:.3f} (FLOP fraction {row['flop_fraction']:.3f})"))
     for row in eff.get("decode", []):
-        ideal = row.get("ideal_throughput_ratio")
+        ideal = 1 / row["flop_fraction"] if row.get("flop_fraction") else None
         rows.append((f"decode tokens/s batch {row['batch_size']}, MoD / base",
                      f"{row['throughput_ratio']:.3f}" + (f" (ideal {ideal:.3f})" if ideal else "")))
     return quality, rows
