@@ -315,7 +315,8 @@ def plot_long_context_speed(variants: dict[str, dict], path: str | Path, title: 
     decode throughput ratio per batch size next to the ideal."""
     plt = _pyplot()
     colors = dict(zip(variants, ("tab:blue", "tab:orange", "tab:purple", "tab:red")))
-    decode = [(f"{name}\nbatch {row['batch_size']}", row) for name, bench in variants.items() for row in bench["decode"]]
+    decode = [(f"{name}\nbatch {row['batch_size']}", row)
+              for name, bench in variants.items() for row in bench["decode"]]
     fig, axes = plt.subplots(1, 2 if decode else 1, figsize=(12 if decode else 6.5, 4.4), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 2] if decode else [1]})
     ax = axes[0][0]
