@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     setup = result["setup"]
     plot_long_context_speed(result["variants"], args.plot, title=(
-        f"{result['base']} at KV fraction {args.kv_fraction}: MoD / base prefill time, {setup['device']} "
-        f"({setup['dtype']})"))
+        f"{result['base']} at KV fraction {args.kv_fraction}, routers random: MoD / base on {setup['device']} "
+        f"({setup['dtype']})" + (" [--quick: not a measurement]" if args.quick else "")))
     for row in result["summary"]:
         print(f"{row['variant']:9s} {row['measure']:38s} MoD/base {row['ratio']:.3f} (ideal {row['ideal']:.3f})  "
               f"KV {row['mod_kv_bytes']} / {row['base_kv_bytes']} bytes = {row['kv_fraction']:.3f}")

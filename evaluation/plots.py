@@ -312,7 +312,7 @@ def plot_bench(bench: dict, path: str | Path, title: str | None = None) -> Path:
 def plot_long_context_speed(variants: dict[str, dict], path: str | Path, title: str | None = None) -> Path:
     """`benchmarks/long_context_speed.py`'s picture: for each variant (e.g. {"attention": bench, "block": bench}, each
     a `run_benchmark` result) its prefill time ratio against context length next to its FLOP fraction, and its
-    decode throughput ratio per batch size next to the ideal."""
+    decode throughput ratio per batch size next to the ideal; the K/V bytes MoD / base beside the prefill times."""
     plt = _pyplot()
     colors = dict(zip(variants, ("tab:blue", "tab:orange", "tab:purple", "tab:red")))
     decode = [(f"{name}\nbatch {row['batch_size']}", row)
@@ -323,17 +323,21 @@ def plot_long_context_speed(variants: dict[str, dict], path: str | Path, title: 
     top = 1.2
     for name, bench in variants.items():
         _prefill_panel(ax, bench["prefill"], label=name, color=colors[name])
+        ax.plot([row["length"] for row in bench["prefill"]], [row["kv_fraction"] for row in bench["prefill"]],
+                marker="s", linestyle=":", color=colors[name], label=f"{name}: KV-cache bytes (KV fraction)")
         top = max([top] + [row["latency_ratio"] * 1.1 for row in bench["prefill"]])
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_ylim(0, top)
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("MoD / base prefill time")
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(title or "prefill, MoD / base", fontsize=10)
+    ax.set_ylabel("MoD / base")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("prefill", fontsize=10)
     if decode:
         ax2 = axes[0][1]
         _decode_panel(ax2, decode)
         ax2.set_title(f"decode after a {decode[0][1]['prompt_length']}-token prompt", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
