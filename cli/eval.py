@@ -37,6 +37,9 @@ def print_summary(results: dict) -> None:
     for row in quality.get("lookup", []):
         print(f"look-up {row['dataset']} distance {row['distance']} ({row['passage_tokens']}-token passage, "
               f"{row['trials']} trials): accuracy mod {_scores(row['mod'])}  base {_scores(row['base'])}")
+    for row in quality.get("passkey", []):
+        print(f"passkey {row['length']} tokens ({row['trials']} trials): accuracy mod {_scores(row['mod'])}  "
+              f"base {_scores(row['base'])}")
     for row in quality.get("tasks", []):
         base = "n/a" if row["base"] is None else f"{row['base']:.4f}"
         print(f"task {row['task']} {row['metric']}: mod {row['mod']:.4f}  base {base}")

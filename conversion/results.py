@@ -20,6 +20,8 @@ Schema (version 2):
                         "flop_fraction": float}],
         "lookup": [{"dataset": str, "distance": int, "passage_tokens": int, "trials": int,
                     "mod": {"accuracy": float, "loss": float}, "base": {"accuracy": float, "loss": float} | null}],
+        "passkey": [{"length": int, "trials": int, "mod": {"accuracy": float, "loss": float},
+                     "base": {"accuracy": float, "loss": float} | null}],
         "tasks": [{"task": str, "metric": str, "mod": float, "base": float | null, "num_samples": int | null,
                    # optional (lm-eval's standard errors and shots):
                    "mod_stderr": float | null, "base_stderr": float | null, "num_fewshot": int | null}]
@@ -76,7 +78,7 @@ RESULTS_FILENAME = "results.json"
 _NUMBER = (int, float)
 # What makes a quality row the same measurement as an earlier one (`update_results` replaces it).
 QUALITY_ROW_KEYS = {"perplexity": ("dataset", "context_length"), "lookup": ("dataset", "distance", "passage_tokens"),
-                    "tasks": ("task", "metric")}
+                    "passkey": ("length",), "tasks": ("task", "metric")}
 
 
 def _check(cond: bool, field: str, expected: str) -> None:
@@ -140,9 +142,12 @@ def validate_results(results: dict) -> dict:
     if "lookup" in quality:
         _check_rows(quality["lookup"], "quality.lookup", {"dataset": (str,), "distance": (int,),
                                                           "passage_tokens": (int,), "trials": (int,)})
-        for i, row in enumerate(quality["lookup"]):
-            _check_scores(row.get("mod"), f"quality.lookup[{i}].mod", nullable=False)
-            _check_scores(row.get("base"), f"quality.lookup[{i}].base", nullable=True)
+    if "passkey" in quality:
+        _check_rows(quality["passkey"], "quality.passkey", {"length": (int,), "trials": (int,)})
+    for key in ("lookup", "passkey"):
+        for i, row in enumerate(quality.get(key, [])):
+            _check_scores(row.get("mod"), f"quality.{key}[{i}].mod", nullable=False)
+            _check_scores(row.get("base"), f"quality.{key}[{i}].base", nullable=True)
     if "tasks" in quality:
         _check_rows(quality["tasks"], "quality.tasks",
                     {"task": (str,), "metric": (str,), "mod": _NUMBER, "base": (*_NUMBER, type(None))},
@@ -242,8 +247,8 @@ def update_results(
     """Merge new measurements into the results JSON at `path` (created if missing) and write it back.
 
     A quality row replaces an earlier one that measured the same thing (`QUALITY_ROW_KEYS`: perplexity rows of the
-    same dataset and context length, look-up rows of the same dataset, distance and passage, task rows of the same task
-    and metric); efficiency keys and `extra` top-level keys (e.g. `training`) are overwritten. If the checkpoint's
+    same dataset and context length, look-up rows of the same dataset, distance and passage, passkey rows of the same
+    length, task rows of the same task and metric); efficiency keys and `extra` top-level keys (e.g. `training`) are overwritten. If the checkpoint's
     routing changed since the file was written, its old numbers describe another model: they are dropped (the
     `training` section is kept), as are those of a file of another schema version. Paths of this machine
     (names, data, commands; new and earlier ones) are written as their public names (`public_results`).

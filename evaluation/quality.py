@@ -8,7 +8,8 @@
   4096 or more tokens before them, not a mix dominated by short contexts. Off, the first window scores all its tokens.
 - The look-up check (`evaluation/lookup.py`): a random passage repeated after filler text from the first data source,
   top-1 accuracy and loss of MoD and base on the second copy, per distance. Perplexity on natural text hides a model
-  that can no longer look anything up in its context; this fails it.
+  that can no longer look anything up in its context; this fails it. And, when `passkey_lengths` are given, passkey
+  retrieval at those prompt lengths (needs no data).
 - What the MoD model saved on the perplexity windows, counted from its own router decisions and cache through the
   project's `evaluate` modules (`evaluation/metrics/`): the share of tokens that ran each layer (its attention), the
   KV fraction (bytes its cache holds over a dense cache's) and the FLOP fraction of a prefill at each evaluated context
@@ -38,7 +39,7 @@ from modification.conversion.results import RESULTS_FILENAME, update_results
 from modification.modeling.configuration_mod import RoutingPlan
 
 from .loading import default_output_dir, load_models, load_tokenizer, pick_device, pick_dtype
-from .lookup import lookup_rows
+from .lookup import lookup_rows, passkey_rows
 from .settings import EvalSettings
 
 
@@ -226,6 +227,23 @@ def evaluate_perplexity(
     }
 
 
+def evaluate_passkey(models: dict[str, torch.nn.Module | None], tokenizer, lengths: list[int], trials: int,
+                     max_positions: int, progress: bool = True) -> list[dict]:
+    """Results-schema `quality.passkey` rows (`lookup.passkey_rows`) of `models` ({"mod": ..., "base": ... or None})
+    at each prompt length the models' `max_positions` can hold; the others are left out with a warning."""
+    present = {name: model for name, model in models.items() if model is not None}
+    rows = []
+    for length in tqdm(lengths, desc="passkey", disable=not progress):
+        if length > max_positions:
+            logger.warning("passkey at %d tokens left out: more than the model's %d positions", length, max_positions)
+            continue
+        (row,) = passkey_rows(present, tokenizer, [length], trials)
+        for name in models:
+            row.setdefault(name, None)
+        rows.append(row)
+    return rows
+
+
 def evaluate_lookup(models: dict[str, torch.nn.Module | None], filler: torch.Tensor, distances: list[int],
                     passage_tokens: int, trials: int, dataset: str, max_positions: int,
                     progress: bool = True) -> list[dict]:
@@ -312,16 +330,21 @@ def evaluate_checkpoint(settings: EvalSettings) -> dict:
                             "tokens": sum(s.numel() for s in streams.values())},
         })
         record.update(perplexity=rows, routing=routing)
+        from .plots import plot_routed_fraction
+
+        plot_routed_fraction(per_layer, mod.config.routed_layers, out_dir / ROUTED_FRACTION_PLOT,
+                             title=f"{Path(model).name}: KV fraction {routing['kv_fraction']:.3f}")
         if settings.lookup_distances:
             filler_label = next(iter(streams))
             quality["lookup"] = evaluate_lookup(
                 {"mod": mod, "base": base_model}, streams[filler_label], settings.lookup_distances,
                 settings.lookup_passage_tokens, settings.lookup_trials, filler_label, max_positions, progress)
             record["lookup"] = quality["lookup"]
-        from .plots import plot_routed_fraction
-
-        plot_routed_fraction(per_layer, mod.config.routed_layers, out_dir / ROUTED_FRACTION_PLOT,
-                             title=f"{Path(model).name}: KV fraction {routing['kv_fraction']:.3f}")
+    if settings.passkey_lengths:
+        quality["passkey"] = evaluate_passkey({"mod": mod, "base": base_model}, load_tokenizer(folder, base_name),
+                                              settings.passkey_lengths, settings.lookup_trials, max_positions,
+                                              progress)
+        record["passkey"] = quality["passkey"]
     config = mod.config
     del mod, base_model  # lm-eval loads its own copies
     if torch_device.type == "cuda":

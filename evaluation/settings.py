@@ -58,7 +58,12 @@ class EvalSettings(MeasureSettings):
                      "text between them from the first data source; a distance the filler or the model's positions "
                      "cannot hold is left out with a warning (an empty string: no look-up)")
     lookup_passage_tokens: int = setting(128, "look-up check: tokens in the repeated passage")
-    lookup_trials: int = setting(4, "look-up check: passages per distance (each with its own tokens and filler)")
+    lookup_trials: int = setting(4, "look-up and passkey checks: passages per distance (each with its own tokens "
+                                    "and filler), pass keys per prompt length (each at its own depth)")
+    passkey_lengths: list[int] = setting(
+        [], "passkey check (evaluation/lookup.py): prompt lengths in tokens of a pass key hidden in filler sentences "
+            "and asked for at the end (SmolLM2-135M-Instruct answers it at 512 to 7.5k tokens); a length past the "
+            "model's positions is left out with a warning (default: none, e.g. 2048,8192)")
     tasks: list[str] | None = setting(None, "lm-eval tasks (names, globs or YAML files)")
     tasks_path: list[str] = setting([], "folder or YAML file of local lm-eval tasks (repeatable)", action="append")
     limit: float | None = setting(None, "lm-eval: examples per task (>= 1) or fraction of them (< 1)")
@@ -67,8 +72,9 @@ class EvalSettings(MeasureSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(bool(self.data or self.tasks),
-                   "nothing to evaluate: give data (perplexity, --data) and/or tasks (lm-eval, --tasks)")
+        self.check(bool(self.data or self.tasks or self.passkey_lengths),
+                   "nothing to evaluate: give data (perplexity, --data), tasks (lm-eval, --tasks) and/or "
+                   "passkey_lengths (--passkey-lengths)")
         self.check(all(n >= 2 for n in self.context_lengths),
                    f"context_lengths must be at least 2, got {self.context_lengths}")
         self.check(self.stride is None or self.stride >= 1, "stride must be a positive number of tokens")
@@ -79,6 +85,9 @@ class EvalSettings(MeasureSettings):
                    f"lookup_distances must be at least lookup_passage_tokens ({self.lookup_passage_tokens}: the "
                    f"copies would overlap), got {self.lookup_distances}")
         self.check(self.lookup_trials >= 1, f"lookup_trials must be at least 1, got {self.lookup_trials}")
+        self.check(all(n >= 128 for n in self.passkey_lengths),
+                   f"passkey_lengths must be at least 128 tokens (the question and the key take about 80), got "
+                   f"{self.passkey_lengths}")
         self.check(self.limit is None or self.limit > 0, f"limit must be positive, got {self.limit}")
         self.check(self.tasks_batch_size == "auto" or self.tasks_batch_size.isdigit(),
                    f"tasks_batch_size must be a positive integer or auto, got {self.tasks_batch_size!r}")

@@ -274,6 +274,11 @@ def card_context(config, results: dict | None) -> dict:
          _cell((r["base"] or {}).get("loss")))
         for r in quality.get("lookup", [])
     ]
+    ctx["passkey_rows"] = [
+        (_cell(r["length"]), _cell(r["trials"]), _cell(r["mod"]["accuracy"]), _cell((r["base"] or {}).get("accuracy")),
+         _cell(r["mod"]["loss"]), _cell((r["base"] or {}).get("loss")))
+        for r in quality.get("passkey", [])
+    ]
     eff = results.get("efficiency") or {}
     ctx["efficiency_rows"] = [
         (label, _cell(eff[key])) for key, label in (

@@ -40,6 +40,8 @@ def sample_results(base_id: str = BASE_ID) -> dict:
                 {"dataset": "tiny-text", "distance": 96, "passage_tokens": 16, "trials": 5,
                  "mod": {"accuracy": 0.5867, "loss": 2.5}, "base": None},
             ],
+            "passkey": [{"length": 479, "trials": 4, "mod": {"accuracy": 0.25, "loss": 0.99912},
+                         "base": {"accuracy": 1.0, "loss": 0.0848}}],
             "tasks": [{"task": "tiny-cloze", "metric": "acc", "mod": 0.61, "base": 0.625, "num_samples": 200}],
         },
         "efficiency": {

@@ -62,6 +62,7 @@ def test_rendered_card_parses_back_and_holds_exactly_the_results_numbers(checkpo
     # the look-up table: MoD and base accuracy, then their losses; a base not measured is n/a
     assert "| tiny-text | 192 | 32 | 3 | 0.4193 | 0.7419 | 3.377 | 1.2086 |" in text
     assert "| tiny-text | 96 | 16 | 5 | 0.5867 | n/a | 2.5 | n/a |" in text
+    assert "| 479 | 4 | 0.25 | 1 | 0.99912 | 0.0848 |" in text  # passkey: prompt tokens, trials, accuracy, loss
     assert "| KV fraction (bytes of K/V cache, MoD / base) | 0.742188 |" in text
     assert "| FLOP fraction of a 4096-token prefill (executed / dense FLOPs) | 0.7004 |" in text
     assert "attention and MLP" in text  # what a skipped token leaves out: the whole block (the default granularity)

@@ -319,7 +319,7 @@ def _lookup_text(path: Path, words: int = 300) -> Path:
 def test_lookup_rows_land_in_results_and_the_card_and_are_printed(tmp_path, capsys, caplog):
     """The look-up check runs on the first data source, for MoD and base on the same sequences; distances the text
     cannot hold are left out with a warning, and the rows reach results.json, the printout and the model card."""
-    from modification.evaluation.lookup import lookup_rows
+    from modification.evaluation.lookup import lookup_rows, passkey_rows
     from modification.model_cards.card import render_card
 
     base_dir = save_base("llama", tmp_path / "base")
@@ -329,7 +329,7 @@ def test_lookup_rows_land_in_results_and_the_card_and_are_printed(tmp_path, caps
     capsys.readouterr()
     assert cli(["eval", "--model", str(ck), "--base", str(base_dir), "--data", str(first), str(second),
                 "--context-lengths", "64", "--lookup-distances", "48,200,400,500", "--lookup-passage-tokens", "16",
-                "--lookup-trials", "3", "--out", str(out), "--no-progress"]) == 0
+                "--lookup-trials", "3", "--passkey-lengths", "128,1024", "--out", str(out), "--no-progress"]) == 0
     captured = capsys.readouterr()
     results = load_results(out)
     rows = results["quality"]["lookup"]
@@ -349,11 +349,20 @@ def test_lookup_rows_land_in_results_and_the_card_and_are_printed(tmp_path, caps
         assert row["mod"] != row["base"]  # the routers skip tokens: MoD and base differ
         assert f"look-up first.txt distance {row['distance']} (16-token passage, 3 trials): accuracy mod " \
                f"{row['mod']['accuracy']:.3f}" in captured.out
+    # the passkey check: the same prompts and scores as the library's, lengths past the positions left out
+    [passkey] = results["quality"]["passkey"]
+    assert "passkey at 1024 tokens left out: more than the model's 512 positions" in caplog.text
+    [want] = passkey_rows({"mod": mod, "base": base}, tiny_tokenizer(), [128], trials=3)
+    assert passkey["length"] == want["length"] <= 128 and passkey["trials"] == 3
+    for name in ("mod", "base"):
+        assert passkey[name] == pytest.approx(want[name], rel=1e-5)
+    assert f"passkey {passkey['length']} tokens (3 trials): accuracy mod" in captured.out
     (ck / "results.json").write_text((out / "results.json").read_text())
     card = render_card(ck, "test-org/tiny-mod", base_model="test-org/tiny-llama").text
     row = rows[1]
     assert (f"| first.txt | 200 | 16 | 3 | {row['mod']['accuracy']:.6g} | {row['base']['accuracy']:.6g} | "
             f"{row['mod']['loss']:.6g} | {row['base']['loss']:.6g} |") in card
+    assert f"| {passkey['length']} | 3 | {passkey['mod']['accuracy']:.6g} |" in card
 
     # --no-base: the base column is null; an empty list turns the check off
     assert cli(["eval", "--model", str(ck), "--no-base", "--data", str(first), "--context-lengths", "64",
@@ -383,6 +392,7 @@ def test_a_card_says_what_a_skipped_token_leaves_out(tmp_path):
                                                                          "lookup_passage_tokens (16"),
         (["--lookup-passage-tokens", "1"], "eval: lookup_passage_tokens must be at least 2"),
         (["--lookup-trials", "0"], "eval: lookup_trials must be at least 1"),
+        (["--passkey-lengths", "64"], "eval: passkey_lengths must be at least 128 tokens"),
         (["--lookup-trials", "many"], "eval.lookup_trials: must be an integer"),
         (["--full-context"], "unrecognized arguments: --full-context"),  # on by default: --no-full-context
         (["--context-lengths", "1024"], "context_lengths holds 1024, more than the model's max_position_embeddings "
