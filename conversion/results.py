@@ -248,10 +248,11 @@ def update_results(
 
     A quality row replaces an earlier one that measured the same thing (`QUALITY_ROW_KEYS`: perplexity rows of the
     same dataset and context length, look-up rows of the same dataset, distance and passage, passkey rows of the same
-    length, task rows of the same task and metric); efficiency keys and `extra` top-level keys (e.g. `training`) are overwritten. If the checkpoint's
-    routing changed since the file was written, its old numbers describe another model: they are dropped (the
-    `training` section is kept), as are those of a file of another schema version. Paths of this machine
-    (names, data, commands; new and earlier ones) are written as their public names (`public_results`).
+    length, task rows of the same task and metric); efficiency keys and `extra` top-level keys (e.g. `training`) are
+    overwritten. If the checkpoint's routing changed since the file was written, its old numbers describe another
+    model: they are dropped (the `training` section is kept), as are those of a file of another schema version. Paths
+    of this machine (names, data, commands; new and earlier ones) are written as their public names
+    (`public_results`).
     """
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     routing = routing_section(config)
