@@ -299,7 +299,7 @@ def evaluate_checkpoint(settings: EvalSettings) -> dict:
     mod, folder, base_model, base_name = load_models(model, settings.base, torch_device, torch_dtype,
                                                      use_base=not settings.no_base)
     max_positions = mod.config.max_position_embeddings
-    if max(settings.context_lengths) > max_positions:
+    if texts and max(settings.context_lengths) > max_positions:  # perplexity runs only on data
         raise ValueError(f"context_lengths holds {max(settings.context_lengths)}, more than the model's "
                          f"max_position_embeddings ({max_positions})")
     out_dir = Path(settings.out) if settings.out else default_output_dir(model)
