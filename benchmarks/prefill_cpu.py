@@ -1,7 +1,7 @@
 """Prefill speed of a small random-weight MoD model vs its dense base on this CPU (issue: MoD core).
 
 A Llama-architecture model (random weights are fine for speed) is converted, its routers get random weights and are
-calibrated on each prompt so that half the tokens skip each routed layer (every other layer: executed fraction
+calibrated on each prompt so that half the tokens skip each routed layer (every other layer: KV fraction
 ~0.75), then prefill at 1k and 2k tokens is timed against (a) the stock transformers LlamaForCausalLM and (b) the same
 MoD code run dense, in alternating repetitions. Writes JSON (default benchmarks/results/prefill_cpu.json).
 
@@ -51,18 +51,17 @@ def main() -> None:
         "model": {"hidden_size": config.hidden_size, "layers": n_layers, "routed_layers": mod.config.routed_layers,
                   "parameters": sum(p.numel() for p in base.parameters())},
         "vs_transformers_llama": run_benchmark(
-            mod, base, lengths, args.repetitions, decode_batch_sizes=(), executed_fraction=target
+            mod, base, lengths, args.repetitions, decode_batch_sizes=(), kv_fraction=target
         ),
         "vs_same_code_dense": run_benchmark(
-            mod, dense, lengths, args.repetitions, decode_batch_sizes=(), executed_fraction=target
+            mod, dense, lengths, args.repetitions, decode_batch_sizes=(), kv_fraction=target
         ),
     }
     out = atomic_write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
     for name in ("vs_transformers_llama", "vs_same_code_dense"):
         for row in results[name]["prefill"]:
-            print(f"{name:22s} len={row['length']:5d} executed={row['executed_fraction']:.3f} "
-                  f"latency ratio={row['latency_ratio']:.3f} (ideal {row['ideal_latency_ratio']:.3f}) "
-                  f"kv ratio={row['kv_ratio']:.3f}")
+            print(f"{name:22s} len={row['length']:5d} KV fraction={row['kv_fraction']:.3f} "
+                  f"latency ratio={row['latency_ratio']:.3f} (FLOP fraction {row['flop_fraction']:.3f})")
     print(f"wrote {out}")
 
 

@@ -29,9 +29,16 @@ def main() -> None:
     results = load_results(parser.parse_args().results)
     quality, efficiency = results.get("quality", {}), results.get("efficiency", {})
     if quality.get("perplexity"):
-        _print_table("data | context | tokens | perplexity MoD | perplexity base | executed fraction", "-:::::", [
-            [row["dataset"], str(row["context_length"]), str(row.get("tokens", "")), _num(row["mod"]),
-             _num(row["base"]), _num(row.get("executed_fraction"))] for row in quality["perplexity"]])
+        _print_table("data | context | tokens | perplexity MoD | perplexity base | KV fraction | FLOP fraction",
+                     "-::::::", [
+                         [row["dataset"], str(row["context_length"]), str(row.get("tokens", "")), _num(row["mod"]),
+                          _num(row["base"]), _num(row.get("kv_fraction")), _num(row.get("flop_fraction"))]
+                         for row in quality["perplexity"]])
+    if quality.get("lookup"):
+        _print_table("data | distance | look-up accuracy MoD | base | loss MoD | base", "-:::::", [
+            [row["dataset"], str(row["distance"]), _num(row["mod"]["accuracy"]),
+             _num((row["base"] or {}).get("accuracy")), _num(row["mod"]["loss"]), _num((row["base"] or {}).get("loss"))]
+            for row in quality["lookup"]])
     if quality.get("tasks"):
         _print_table("task | metric | MoD | base", "--::", [
             [row["task"], row["metric"], _num(row["mod"], 4), _num(row["base"], 4)] for row in quality["tasks"]])
@@ -45,16 +52,16 @@ def main() -> None:
             iqr = row.get("prefill_latency_ratio_iqr")
             return f" (IQR {iqr:.3f})" if iqr is not None else ""
 
-        _print_table("context | executed fraction | prefill time MoD/base | ideal | KV bytes MoD/base | "
-                     "peak memory MoD/base", "::::::", [
-                         [str(row["context_length"]), _num(row.get("executed_fraction")),
-                          _num(row["prefill_latency_ratio"]) + spread(row), _num(row["ideal_latency_ratio"]),
-                          _num(row.get("kv_ratio")), _num(row.get("peak_memory_ratio"))]
+        _print_table("context | prefill time MoD/base | FLOP fraction (ideal) | KV fraction | peak memory MoD/base",
+                     ":::::", [
+                         [str(row["context_length"]), _num(row["prefill_latency_ratio"]) + spread(row),
+                          _num(row["flop_fraction"]), _num(row.get("kv_fraction")), _num(row.get("peak_memory_ratio"))]
                          for row in efficiency["latency"]])
     if efficiency.get("decode"):
-        _print_table("decode batch | tokens/s MoD/base | ideal | KV bytes MoD/base", "::::", [
-            [str(row["batch_size"]), _num(row["throughput_ratio"]), _num(row.get("ideal_throughput_ratio")),
-             _num(row.get("kv_ratio"))] for row in efficiency["decode"]])
+        _print_table("decode batch | tokens/s MoD/base | ideal (1 / FLOP fraction) | KV fraction", "::::", [
+            [str(row["batch_size"]), _num(row["throughput_ratio"]),
+             _num(1 / row["flop_fraction"] if row.get("flop_fraction") else None), _num(row.get("kv_fraction"))]
+            for row in efficiency["decode"]])
     print("Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])))
 
 

@@ -120,14 +120,14 @@ def main() -> None:
         result = perplexity(model, base, stream, args.context)
         rows.append({"variant": name, "evaluation": "causal (as generated)" if spec["calibrate"] else
                      "top-k per window (non-causal)", "perplexity": result["mod"],
-                     "executed_fraction": result["executed_fraction"], "base_perplexity": result["base"]})
+                     "executed_fraction": result["kv_fraction"], "base_perplexity": result["base"]})
         if spec["convert"]["router_kind"] == "topk":
             # the MoD paper's causal decode rule, sigmoid(logit) >= 0.5, everywhere: the router kind is fixed when the
             # model is built, so load the trained top-k weights as a threshold model
             model = MoDForCausalLM.from_pretrained(final, router_kind="threshold", router_threshold=0.5).eval()
             causal = perplexity(model, base, stream, args.context)
             rows.append({"variant": name, "evaluation": "causal rule sigmoid >= 0.5 (as generated)",
-                         "perplexity": causal["mod"], "executed_fraction": causal["executed_fraction"],
+                         "perplexity": causal["mod"], "executed_fraction": causal["kv_fraction"],
                          "base_perplexity": causal["base"]})
             # the same causal rule with its threshold calibrated to the budget: matched compute as generated
             save_checkpoint(model, folder / "causal", companions_from=final)
@@ -135,7 +135,7 @@ def main() -> None:
             model = MoDForCausalLM.from_pretrained(folder / "causal").eval()
             matched = perplexity(model, base, stream, args.context)
             rows.append({"variant": name, "evaluation": "causal rule, threshold calibrated to the budget",
-                         "perplexity": matched["mod"], "executed_fraction": matched["executed_fraction"],
+                         "perplexity": matched["mod"], "executed_fraction": matched["kv_fraction"],
                          "base_perplexity": matched["base"]})
         print(json.dumps(rows[-1]), flush=True)
 

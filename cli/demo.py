@@ -9,7 +9,7 @@ three kinds of offline text (Shakespeare, the King James Bible, a dictionary; `c
 2. `modification fit`: routers set from a few forward and backward passes on the training texts (no training), the
    routed layers, what their tokens skip and each layer's share chosen from measurement (look-up from far back in
    the context kept), thresholds calibrated to `--kv-fraction` (K/V entries written over the dense model's);
-3. `modification eval`: perplexity of MoD and base on the held-out texts, executed fraction, KV-cache ratio;
+3. `modification eval`: perplexity of MoD and base on the held-out texts, look-up, KV and FLOP fractions;
 4. `modification bench`: prefill time at 1024 and 2048 tokens and decode throughput (batch 1 and 4), MoD / base;
 5. the chat answers of base and MoD side by side (the tokenizer's chat template, greedy `generate`);
 6. `modification card`: the model card, which makes the output folder Hub-ready (`modification push`).
@@ -175,7 +175,7 @@ def print_chat_row(row: dict, width: int = 50) -> None:
     _say(f"\n  > {row['prompt']}")
     left = textwrap.wrap(row["base"], width) or [""]
     right = textwrap.wrap(row["mod"], width) or [""]
-    _say(f"  {'base':<{width}}  | MoD (executed fraction {row['mod_executed_fraction']:.2f})")
+    _say(f"  {'base':<{width}}  | MoD (KV fraction {row['mod_kv_fraction']:.2f})")
     _say(f"  {'-' * width}  | {'-' * width}")
     for i in range(max(len(left), len(right))):
         a = left[i] if i < len(left) else ""
@@ -264,8 +264,10 @@ def summary_rows(results: dict) -> tuple[list[tuple[str, str, str, str]], list[t
                         f"{row['mod']:.2f}", "n/a" if base is None else f"{row['mod'] / base:.3f}"))
     eff = results.get("efficiency", {})
     rows = []
-    if "executed_fraction" in eff:
-        rows.append(("executed fraction (held-out text)", f"{eff['executed_fraction']:.3f}"))
+    if "kv_fraction" in eff:
+        rows.append(("KV fraction (held-out text)", f"{eff['kv_fraction']:.3f}"))
+    for length, value in (eff.get("flop_fraction") or {}).items():
+        rows.append((f"FLOP fraction of a {length}-token prefill", f"{value:.3f}"))
     calibration = results.get("routing", {}).get("calibration") or {}
     fit = calibration.get("fit") or {}
     if fit.get("budget"):
@@ -278,13 +280,15 @@ def summary_rows(results: dict) -> tuple[list[tuple[str, str, str, str]], list[t
         plan = fit["plan"]
         rows.append(("routed layers (chosen by fit)", ", ".join(
             f"{j} {g}" for j, g in zip(plan["routed_layers"], plan["granularity"]))))
-    if eff.get("kv_ratio") is not None:
-        rows.append(("KV-cache bytes, MoD / base", f"{eff['kv_ratio']:.3f}"))
+    for row in results.get("quality", {}).get("lookup", []):
+        base = row["base"]
+        rows.append((f"look-up accuracy at distance {row['distance']}, MoD / base",
+                     f"{row['mod']['accuracy']:.2f} / " + ("n/a" if base is None else f"{base['accuracy']:.2f}")))
     for row in eff.get("latency", []):
         rows.append((f"prefill time @{row['context_length']}, MoD / base",
-                     f"{row['prefill_latency_ratio']:.3f} (ideal {row['ideal_latency_ratio']:.3f})"))
+                     f"{row['prefill_latency_ratio']:.3f} (FLOP fraction {row['flop_fraction']:.3f})"))
     for row in eff.get("decode", []):
-        ideal = row.get("ideal_throughput_ratio")
+        ideal = 1 / row["flop_fraction"] if row.get("flop_fraction") else None
         rows.append((f"decode tokens/s batch {row['batch_size']}, MoD / base",
                      f"{row['throughput_ratio']:.3f}" + (f" (ideal {ideal:.3f})" if ideal else "")))
     return quality, rows
@@ -304,8 +308,8 @@ def print_summary(report: DemoReport, base: DemoBase | None = None) -> None:
         for key, value in rows:
             _say(f"{key:<{width}}  {value}")
     if report.chat:
-        fractions = [r["mod_executed_fraction"] for r in report.chat]
-        _say(f"{'executed fraction on the chat answers':<{width if rows else 0}}  "
+        fractions = [r["mod_kv_fraction"] for r in report.chat]
+        _say(f"{'KV fraction on the chat answers':<{width if rows else 0}}  "
              + ", ".join(f"{f:.3f}" for f in fractions))
     if base is not None and base.note:
         _say(f"\nbase: {base.note}")

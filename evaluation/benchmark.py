@@ -1,9 +1,14 @@
 """Speed and memory of a MoD model against its base, measured in one process with alternating runs.
 
 Absolute times on a shared machine are noisy; the ratios MoD/base from interleaved repetitions are what to report.
-Next to each measured ratio stands the ideal one implied by the executed fraction: the ratio of the FLOPs the MoD
-model executes to the FLOPs of the dense model on the same input (linear layers scale with the routed fraction r of a
-layer, causal attention inside it with r^2).
+Next to each measured ratio stand the budgets it is to be read against, as `RoutingPlan` counts them with the share of
+tokens each routed layer was measured to run on the timed prompt (`quality.measured_plan`):
+
+- `flop_fraction`: executed over dense FLOPs (`MoDConfig.prefill_flops`: projections and MLP scale with a layer's
+  routed share r, its causal attention with r^2, the MLP not at all where only attention is routed, the LM head
+  included). For a prefill of T tokens it is the ideal latency ratio; for decoding, that of the decoded tokens
+  (`decode_flop_fraction`), whose inverse is the ideal throughput ratio.
+- `kv_fraction`: the bytes the MoD cache holds over those of the base's, both measured from the caches.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from modification.conversion.calibrate import calibrate_thresholds
 from modification.modeling import MoDForCausalLM
 
-from modification.conversion.calibrate import calibrate_thresholds
-
+from .quality import measured_plan
 from .settings import BenchSettings
 
 
@@ -66,19 +71,14 @@ def cache_kv_bytes(cache) -> int:
     return total
 
 
-def layer_flops(config, tokens: int) -> tuple[float, float]:
-    """(linear, attention) FLOPs of one decoder layer running `tokens` tokens of one sequence, causal prefill."""
-    d, h, kv, hd, inter = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                           config.head_dim, config.intermediate_size)
-    linear = 2 * tokens * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * inter)
-    attention = 2 * 2 * h * hd * tokens * (tokens + 1) / 2
-    return linear, attention
-
-
-def ideal_prefill_ratio(config, routed_fraction: list[float], seq_len: int) -> float:
-    """FLOPs executed by the MoD model over FLOPs of the dense model, for one sequence of `seq_len` tokens."""
-    dense = sum(layer_flops(config, seq_len)) * len(routed_fraction)
-    executed = sum(sum(layer_flops(config, round(r * seq_len))) for r in routed_fraction)
+def decode_flop_fraction(plan, config, prompt_length: int, new_tokens: int) -> float:
+    """Executed over dense FLOPs of decoding `new_tokens` tokens after a `prompt_length`-token prompt, as `plan` runs:
+    the prefill counts of `MoDConfig.prefill_flops` at the end of decoding less those at its start (a token at
+    position t costs what a prefill of t + 1 tokens costs more than one of t: its projections and MLP, and attention
+    over the t + 1 keys; routed, r of them in a layer keeping a share r). Batch size does not change the fraction."""
+    end, start = prompt_length + new_tokens, prompt_length
+    executed = config.prefill_flops(end, plan)["total"] - config.prefill_flops(start, plan)["total"]
+    dense = config.prefill_flops(end)["total"] - config.prefill_flops(start)["total"]
     return executed / dense
 
 
@@ -154,7 +154,7 @@ def _alternating(run: Callable[[str], tuple[float, dict]], repetitions: int, dev
 
 def _kv_fields(warm_up: dict) -> dict:
     return {"mod_kv_bytes": warm_up["mod"]["kv_bytes"], "base_kv_bytes": warm_up["base"]["kv_bytes"],
-            "kv_ratio": warm_up["mod"]["kv_bytes"] / warm_up["base"]["kv_bytes"]}
+            "kv_fraction": warm_up["mod"]["kv_bytes"] / warm_up["base"]["kv_bytes"]}
 
 
 def _peak_memory_fields(warm_up: dict) -> dict:
@@ -179,18 +179,16 @@ def _prefill_entry(models: dict, ids: torch.Tensor, repetitions: int, device: to
     routed = warm_up["mod"]["routed_fraction"]
     # Runs alternate, so repetition i of MoD and of base ran side by side: their ratio cancels slow drifts.
     paired = summarize([m / b for m, b in zip(times["mod"], times["base"])])
-    executed = sum(routed) / len(routed)
+    config = models["mod"].config
     return {
         "length": ids.shape[1],
         "mod_seconds": mod_t,
         "base_seconds": base_t,
         "latency_ratio": mod_t["median"] / base_t["median"],
         "latency_ratio_paired": {k: v for k, v in paired.items() if k != "samples"},
-        "executed_fraction": executed,
-        "ideal_latency_ratio": ideal_prefill_ratio(models["mod"].config, routed, ids.shape[1]),
+        "flop_fraction": measured_plan(config, routed).flop_fraction(config, ids.shape[1]),
         "routed_fraction_per_layer": routed,
         **_kv_fields(warm_up),
-        "ideal_kv_ratio": executed,
         **_peak_memory_fields(warm_up),
     }
 
@@ -205,21 +203,21 @@ def _decode_row(models: dict, prompt: torch.Tensor, tokens: int, repetitions: in
         return seconds, {"kv_bytes": cache_kv_bytes(cache), "routed": routed}  # prompt + new tokens
 
     times, warm_up = _alternating(run, repetitions, device, bar)
-    batch_size = prompt.shape[0]
+    batch_size, prompt_length = prompt.shape
     mod_tps = [batch_size * tokens / s for s in times["mod"]]
     base_tps = [batch_size * tokens / s for s in times["base"]]
-    executed = sum(warm_up["mod"]["routed"]) / len(warm_up["mod"]["routed"])
+    routed = [round(x, 6) for x in warm_up["mod"]["routed"]]
+    config = models["mod"].config
     return {
         "batch_size": batch_size,
-        "prompt_length": prompt.shape[1],
+        "prompt_length": prompt_length,
         "new_tokens": tokens,
         "mod_tokens_per_second": summarize(mod_tps),
         "base_tokens_per_second": summarize(base_tps),
         "throughput_ratio": statistics.median(mod_tps) / statistics.median(base_tps),
-        "executed_fraction": executed,
-        # Decoding is bound by the linear layers at these lengths: their work scales with the executed fraction.
-        "ideal_throughput_ratio": 1.0 / executed if executed > 0 else None,
-        **_kv_fields(warm_up),
+        "flop_fraction": decode_flop_fraction(measured_plan(config, routed), config, prompt_length, tokens),
+        "routed_fraction_per_layer": routed,  # over the decoded tokens
+        **_kv_fields(warm_up),  # the cache after decoding: prompt and new tokens
         **_peak_memory_fields(warm_up),
     }
 
@@ -234,16 +232,18 @@ def run_benchmark(
     decode_prompt_len: int = 256,
     seed: int = 0,
     progress: bool = True,
-    executed_fraction: float | None = None,
+    kv_fraction: float | None = None,
     prompt_ids: torch.Tensor | None = None,
 ) -> dict:
     """Prefill latency, decode tokens/s, KV-cache bytes (and peak memory on CUDA) of MoD and base, alternating runs.
 
     Prompts are random token ids, or slices of `prompt_ids` (a 1-D token stream, e.g. real text: a trained router
     routes real text differently from random ids). Speed does not depend on the text but the routed fraction does, so
-    it is reported from the MoD model's own decisions on these prompts. With `executed_fraction` the thresholds are
-    first calibrated on each prompt to that budget (a speed benchmark at a chosen executed fraction, e.g. for a model
-    with random weights); otherwise the model's own thresholds are used as they are.
+    it is reported from the MoD model's own decisions on these prompts. With `kv_fraction` the thresholds are first
+    calibrated on each prompt to that budget (a speed benchmark at a chosen KV fraction, e.g. for a model with random
+    router weights); otherwise the model's own thresholds are used as they are. Prompts may be longer than the
+    model's `max_position_embeddings`: what they would predict does not matter here, and the time is that of the
+    same work.
     """
     device = next(mod_model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -253,8 +253,8 @@ def run_benchmark(
 
     def prompt(batch: int, length: int) -> torch.Tensor:
         ids = _prompt(prompt_ids, mod_model.config.vocab_size, batch, length, gen).to(device)
-        if executed_fraction is not None:
-            calibrate_thresholds(mod_model, [{"input_ids": ids}], executed_fraction, progress=False)
+        if kv_fraction is not None:  # the calibration target is the mean routed fraction over layers: the KV fraction
+            calibrate_thresholds(mod_model, [{"input_ids": ids}], kv_fraction, progress=False)
         return ids
 
     result = {
@@ -308,11 +308,10 @@ def latency_rows(bench: dict) -> list[dict]:
     return [{
         "context_length": row["length"],
         "prefill_latency_ratio": row["latency_ratio"],
-        "ideal_latency_ratio": row["ideal_latency_ratio"],
-        "kv_ratio": row["kv_ratio"],
+        "flop_fraction": row["flop_fraction"],
+        "kv_fraction": row["kv_fraction"],
         "peak_memory_ratio": row.get("peak_memory_ratio"),
         "prefill_latency_ratio_iqr": row["latency_ratio_paired"]["iqr"],
-        "executed_fraction": row["executed_fraction"],
         "mod_prefill_seconds": row["mod_seconds"]["median"],
         "base_prefill_seconds": row["base_seconds"]["median"],
     } for row in bench["prefill"]]
@@ -323,12 +322,12 @@ def decode_rows(bench: dict) -> list[dict]:
     return [{
         "batch_size": row["batch_size"],
         "throughput_ratio": row["throughput_ratio"],
-        "ideal_throughput_ratio": row["ideal_throughput_ratio"],
+        "flop_fraction": row["flop_fraction"],
         "mod_tokens_per_second": row["mod_tokens_per_second"]["median"],
         "base_tokens_per_second": row["base_tokens_per_second"]["median"],
         "prompt_length": row["prompt_length"],
         "new_tokens": row["new_tokens"],
-        "kv_ratio": row["kv_ratio"],
+        "kv_fraction": row["kv_fraction"],
         "peak_memory_ratio": row.get("peak_memory_ratio"),
     } for row in bench["decode"]]
 
@@ -336,7 +335,7 @@ def decode_rows(bench: dict) -> list[dict]:
 def benchmark_checkpoint(settings: BenchSettings) -> dict:
     """Benchmark the MoD checkpoint `settings.model` against its base (`settings.base`, default: the checkpoint's own
     when local); write bench.json and bench.png to `settings.out` (default: the checkpoint folder when local, else
-    `./<org--name>`) and merge the ratios into its results JSON (unless `settings.executed_fraction` recalibrated the
+    `./<org--name>`) and merge the ratios into its results JSON (unless `settings.kv_fraction` recalibrated the
     thresholds for the run). Returns the bench record (what bench.json holds)."""
     from modification.conversion.data import load_texts
     from modification.conversion.results import RESULTS_FILENAME, update_results
@@ -367,7 +366,7 @@ def benchmark_checkpoint(settings: BenchSettings) -> dict:
         mod, base_model, settings.lengths, repetitions=settings.repetitions,
         decode_batch_sizes=tuple(settings.decode_batch_sizes), decode_tokens=settings.decode_tokens,
         decode_prompt_len=settings.decode_prompt_length, seed=settings.seed, progress=progress,
-        executed_fraction=settings.executed_fraction, prompt_ids=prompt_ids,
+        kv_fraction=settings.kv_fraction, prompt_ids=prompt_ids,
     )
     out_dir = Path(settings.out) if settings.out else default_output_dir(model)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,12 +374,12 @@ def benchmark_checkpoint(settings: BenchSettings) -> dict:
         "command": command, "model": model, "base": base_name,
         "prompts": ", ".join(data_label(d, settings.split, settings.data_config) for d in settings.data)
         if settings.data else "random token ids",
-        "executed_fraction": settings.executed_fraction, **bench,
+        "kv_fraction": settings.kv_fraction, **bench,
     }
     (out_dir / BENCH_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
     plot_bench(bench, out_dir / BENCH_PLOT_FILENAME, title=f"{Path(model.rstrip('/')).name} / base, "
                f"{bench['setup']['device']} ({bench['setup']['dtype']})")
-    if settings.executed_fraction is None:
+    if settings.kv_fraction is None:
         efficiency = {"latency": latency_rows(bench), "hardware": dict(bench["setup"])}
         if bench["decode"]:
             efficiency["decode"] = decode_rows(bench)

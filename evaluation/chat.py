@@ -38,7 +38,7 @@ def chat_side_by_side(base_folder: str, mod_folder: str | Path, prompts: tuple[s
             row[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
             if name == "mod":  # what the routers ran on prompt + answer, in one causal pass (routing is causal)
                 routed = mod(input_ids=out, use_cache=False, output_router_decisions=True).router_decisions
-                row["mod_executed_fraction"] = float(torch.stack([d.float().mean() for d in routed]).mean())
+                row["mod_kv_fraction"] = float(torch.stack([d.float().mean() for d in routed]).mean())
         rows.append(row)
         if on_row is not None:
             on_row(row)

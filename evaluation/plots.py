@@ -1,5 +1,6 @@
-"""Pictures of what a MoD model does: per-layer executed fraction, a token x layer routing map (PNG and a small
-self-contained HTML page), and benchmark ratios against context length (`modification show-routing` and `bench`).
+"""Pictures of what a MoD model does: per-layer routed fraction, a token x layer routing map (PNG and a small
+self-contained HTML page), and benchmark ratios against context length (`modification show-routing` and `bench`, and
+`benchmarks/long_context_speed.py`).
 
 matplotlib runs with the Agg backend (files only, no display needed).
 """
@@ -32,14 +33,15 @@ def _save(fig, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Executed fraction per layer
+# Routed fraction per layer
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def plot_executed_fraction(
+def plot_routed_fraction(
     per_layer: list[float], routed_layers: list[int], path: str | Path, title: str | None = None
 ) -> Path:
-    """Bar chart: the fraction of tokens that ran each layer (routed layers in colour), with the overall mean."""
+    """Bar chart: the fraction of tokens that ran each layer (its attention; routed layers in colour), with the mean
+    over layers, the KV fraction."""
     plt = _pyplot()
     n = len(per_layer)
     mean = sum(per_layer) / n
@@ -58,9 +60,9 @@ def plot_executed_fraction(
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color="tab:orange", label="routed layer"), Patch(color="tab:gray", label="runs every token"),
-                       Line2D([], [], color="tab:blue", linestyle="--", label=f"executed fraction {mean:.3f}")],
+                       Line2D([], [], color="tab:blue", linestyle="--", label=f"KV fraction {mean:.3f}")],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    ax.set_title(title or "Executed fraction per layer")
+    ax.set_title(title or "Routed fraction per layer")
     return _save(fig, path)
 
 
@@ -223,9 +225,9 @@ def write_routing_html(routing: RoutingMap, path: str | Path, title: str = "MoD 
         f"{html.escape(tok)}</span>"
         for i, (gap, tok, r) in enumerate(zip(gaps, routing.tokens, ran))
     )
-    executed = float(routing.ran.float().mean())
-    summary = (f"{len(routing.tokens)} tokens, {routing.ran.shape[0]} layers, executed fraction {executed:.3f} "
-               f"(share of token-layer work that ran).")
+    kv_fraction = float(routing.ran.float().mean())
+    summary = (f"{len(routing.tokens)} tokens, {routing.ran.shape[0]} layers, KV fraction {kv_fraction:.3f} "
+               f"(share of token-layer attention that ran, and of the K/V written).")
     # JSON inside <script>: escape "</" so no token text can close the script element.
     data = json.dumps(routing.to_dict()).replace("</", "<\\/")
     page = _HTML.format(title=html.escape(title), summary=html.escape(summary), spans=spans, data=data)
@@ -240,9 +242,46 @@ def write_routing_html(routing: RoutingMap, path: str | Path, title: str = "MoD 
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _prefill_panel(ax, prefill: list[dict], label: str = "", color: str | None = None, spread: bool = True) -> None:
+    """Prefill latency ratio against context length (with its paired IQR), next to its FLOP fraction (the ideal)."""
+    x = [row["length"] for row in prefill]
+    y = [row["latency_ratio"] for row in prefill]
+    quartiles = [row.get("latency_ratio_paired") for row in prefill]
+    name = f"{label}: " if label else ""
+    if spread and all(quartiles):
+        lo = [max(row["latency_ratio"] - q["q1"], 0) for row, q in zip(prefill, quartiles)]
+        hi = [max(q["q3"] - row["latency_ratio"], 0) for row, q in zip(prefill, quartiles)]
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, color=color,
+                    label=f"{name}prefill time (median, IQR)")
+    else:
+        ax.plot(x, y, marker="o", color=color, label=f"{name}prefill time (median)")
+    ax.plot(x, [row["flop_fraction"] for row in prefill], linestyle="--", color=color or "black",
+            label=f"{name}FLOP fraction (ideal)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(v) for v in x])
+
+
+def _decode_panel(ax, rows: list[tuple[str, dict]]) -> None:
+    """Decode throughput ratio per (label, row), next to its ideal: 1 / the FLOP fraction of the decoded tokens."""
+    import numpy as np
+
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [row["throughput_ratio"] for _, row in rows], width=0.4, color="tab:green",
+           label="decode tokens/s (median)")
+    ideal = [1.0 / row["flop_fraction"] for _, row in rows]
+    ax.bar(x + 0.2, ideal, width=0.4, color="white", edgecolor="black", hatch="//", label="ideal (1 / FLOP fraction)")
+    ax.set_xticks(x)
+    ax.set_xticklabels([label for label, _ in rows], fontsize=8)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_ylim(0, 1.3 * max([1.0] + ideal + [row["throughput_ratio"] for _, row in rows]))
+    ax.set_ylabel("MoD / base throughput")
+    ax.legend(fontsize=8, loc="upper right")
+
+
 def plot_bench(bench: dict, path: str | Path, title: str | None = None) -> Path:
-    """MoD/base ratios against context length (prefill latency with its spread, ideal latency, KV bytes, peak memory
-    on CUDA) and, beside it, decode throughput ratio per batch size next to its ideal."""
+    """MoD/base ratios against context length (prefill latency with its spread, FLOP fraction, KV fraction, peak
+    memory on CUDA) and, beside it, decode throughput ratio per batch size next to its ideal."""
     plt = _pyplot()
     prefill = bench.get("prefill", [])
     decode = bench.get("decode", [])
@@ -250,23 +289,11 @@ def plot_bench(bench: dict, path: str | Path, title: str | None = None) -> Path:
                              gridspec_kw={"width_ratios": [3, 2] if decode else [1]})
     ax = axes[0][0]
     if prefill:
+        _prefill_panel(ax, prefill)
         x = [row["length"] for row in prefill]
-        y = [row["latency_ratio"] for row in prefill]
-        spread = [row.get("latency_ratio_paired") for row in prefill]
-        if all(spread):
-            lo = [row["latency_ratio"] - s["q1"] for row, s in zip(prefill, spread)]
-            hi = [s["q3"] - row["latency_ratio"] for row, s in zip(prefill, spread)]
-            ax.errorbar(x, y, yerr=[[max(v, 0) for v in lo], [max(v, 0) for v in hi]], marker="o", capsize=3,
-                        label="prefill latency (median, IQR)")
-        else:
-            ax.plot(x, y, marker="o", label="prefill latency (median)")
-        ax.plot(x, [row["ideal_latency_ratio"] for row in prefill], "k--", label="ideal (executed FLOPs)")
-        ax.plot(x, [row["kv_ratio"] for row in prefill], marker="s", label="KV-cache bytes")
+        ax.plot(x, [row["kv_fraction"] for row in prefill], marker="s", label="KV-cache bytes (KV fraction)")
         if all(row.get("peak_memory_ratio") is not None for row in prefill):
             ax.plot(x, [row["peak_memory_ratio"] for row in prefill], marker="^", label="peak memory")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(x)
-        ax.set_xticklabels([str(v) for v in x])
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_ylim(0, max([1.2] + [row["latency_ratio"] * 1.1 for row in prefill]))
     ax.set_xlabel("context length (tokens)")
@@ -276,22 +303,41 @@ def plot_bench(bench: dict, path: str | Path, title: str | None = None) -> Path:
     ax.set_title(title or f"MoD / base on {setup.get('device', '?')} ({setup.get('dtype', '?')})", fontsize=10)
     if decode:
         ax2 = axes[0][1]
-        import numpy as np
-
-        x2 = np.arange(len(decode))
-        ax2.bar(x2 - 0.2, [row["throughput_ratio"] for row in decode], width=0.4, color="tab:green",
-                label="decode tokens/s (median)")
-        ideal = [row.get("ideal_throughput_ratio") or 0.0 for row in decode]
-        ax2.bar(x2 + 0.2, ideal, width=0.4, color="white", edgecolor="black", hatch="//",
-                label="ideal (1 / executed fraction)")
-        ax2.set_xticks(x2)
-        ax2.set_xticklabels([str(row["batch_size"]) for row in decode])
-        ax2.axhline(1.0, color="gray", linewidth=0.8)
-        ax2.set_ylim(0, 1.3 * max([1.0] + ideal + [row["throughput_ratio"] for row in decode]))
+        _decode_panel(ax2, [(str(row["batch_size"]), row) for row in decode])
         ax2.set_xlabel("decode batch size")
-        ax2.set_ylabel("MoD / base throughput")
-        ax2.legend(fontsize=8, loc="upper right")
         ax2.set_title(f"decode, {decode[0]['prompt_length']}-token prompt", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_long_context_speed(variants: dict[str, dict], path: str | Path, title: str | None = None) -> Path:
+    """`benchmarks/long_context_speed.py`'s picture: for each variant (e.g. {"attention": bench, "block": bench}, each
+    a `run_benchmark` result) its prefill time ratio against context length next to its FLOP fraction, and its
+    decode throughput ratio per batch size next to the ideal; the K/V bytes MoD / base beside the prefill times."""
+    plt = _pyplot()
+    colors = dict(zip(variants, ("tab:blue", "tab:orange", "tab:purple", "tab:red")))
+    decode = [(f"{name}\nbatch {row['batch_size']}", row)
+              for name, bench in variants.items() for row in bench["decode"]]
+    fig, axes = plt.subplots(1, 2 if decode else 1, figsize=(12 if decode else 6.5, 4.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2] if decode else [1]})
+    ax = axes[0][0]
+    top = 1.2
+    for name, bench in variants.items():
+        _prefill_panel(ax, bench["prefill"], label=name, color=colors[name])
+        ax.plot([row["length"] for row in bench["prefill"]], [row["kv_fraction"] for row in bench["prefill"]],
+                marker="s", linestyle=":", color=colors[name], label=f"{name}: KV-cache bytes (KV fraction)")
+        top = max([top] + [row["latency_ratio"] * 1.1 for row in bench["prefill"]])
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("MoD / base")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("prefill", fontsize=10)
+    if decode:
+        ax2 = axes[0][1]
+        _decode_panel(ax2, decode)
+        ax2.set_title(f"decode after a {decode[0][1]['prompt_length']}-token prompt", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -305,7 +351,7 @@ def show_routing(
     dtype: str = "auto",
 ) -> dict[str, Path]:
     """Route `text` through the MoD checkpoint `model` and write, into `out`, the token x layer map (routing.png),
-    the hover page (routing.html), the per-layer bars (executed_fraction.png) and the raw map (routing.json)."""
+    the hover page (routing.html), the per-layer bars (routed_fraction.png) and the raw map (routing.json)."""
     from modification.conversion.checkpoint import load_mod_model
 
     from .loading import load_tokenizer, pick_device, pick_dtype
@@ -324,8 +370,8 @@ def show_routing(
     files = {
         "map": plot_routing_map(routing, out / "routing.png", title=f"{name}: routing of {len(routing.tokens)} tokens"),
         "html": write_routing_html(routing, out / "routing.html", title=f"{name}: routing"),
-        "bars": plot_executed_fraction(per_layer, mod.config.routed_layers, out / "executed_fraction.png",
-                                       title=f"{name}: executed fraction on this text"),
+        "bars": plot_routed_fraction(per_layer, mod.config.routed_layers, out / "routed_fraction.png",
+                                     title=f"{name}: routed fraction on this text"),
     }
     files["json"] = out / "routing.json"
     files["json"].write_text(json.dumps(routing.to_dict()) + "\n")

@@ -1,16 +1,25 @@
-"""`modification eval`: quality of a MoD checkpoint next to its base, and how much of the model it ran.
+"""`modification eval`: quality of a MoD checkpoint next to its base, and what it saved.
 
-- Perplexity of MoD and base on the same tokens, at one or more context lengths. A text longer than the context is
-  scored with a sliding window (stride default half the context): every token is scored once, with at least
-  `context - stride` tokens of context except at the start of the text.
-- Executed fraction (per layer and overall) and KV ratio, counted from the MoD model's own router decisions and cache
-  on the perplexity windows, through the project's `evaluate` modules (`evaluation/metrics/`).
+- Perplexity of MoD and base on the same tokens, at one or more context lengths (up to the model's
+  `max_position_embeddings`). A text longer than the context is scored with a sliding window (stride default half the
+  context): every token is scored at most once. With `full_context` (the default) every scored token has at least
+  `context - stride` tokens of context, the first window included (it scores only its last `stride` tokens, and the
+  text's first `context - stride` tokens are read, never scored): perplexity at 8192 is then that of tokens that read
+  4096 or more tokens before them, not a mix dominated by short contexts. Off, the first window scores all its tokens.
+- The look-up check (`evaluation/lookup.py`): a random passage repeated after filler text from the first data source,
+  top-1 accuracy and loss of MoD and base on the second copy, per distance. Perplexity on natural text hides a model
+  that can no longer look anything up in its context; this fails it. And, when `passkey_lengths` are given, passkey
+  retrieval at those prompt lengths (needs no data).
+- What the MoD model saved on the perplexity windows, counted from its own router decisions and cache through the
+  project's `evaluate` modules (`evaluation/metrics/`): the share of tokens that ran each layer (its attention), the
+  KV fraction (bytes its cache holds over a dense cache's) and the FLOP fraction of a prefill at each evaluated context
+  length and at 4096 (`RoutingPlan.flop_fraction` with the measured share of each routed layer).
 - Downstream tasks through lm-evaluation-harness (`evaluation/tasks.py`) when tasks are given; task YAML files and
   their data can be local, so this runs offline.
 
 `evaluate_checkpoint` merges the numbers into the checkpoint's results JSON (`conversion/results.py`), writes a full
-record of the run with `evaluate.save` next to it (`eval_records/`), and a bar chart of the per-layer executed
-fraction as PNG.
+record of the run with `evaluate.save` next to it (`eval_records/`), and a bar chart of the per-layer routed fraction
+as PNG.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from tqdm.auto import tqdm
 
 from modification.conversion.data import load_texts, tokenize_stream
 from modification.conversion.results import RESULTS_FILENAME, update_results
+from modification.modeling.configuration_mod import RoutingPlan
 
 from .loading import default_output_dir, load_models, load_tokenizer, pick_device, pick_dtype
+from .lookup import lookup_rows, passkey_rows
 from .settings import EvalSettings
 
 
@@ -36,10 +47,13 @@ logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 RECORDS_DIRNAME = "eval_records"
+ROUTED_FRACTION_PLOT = "routed_fraction.png"
+# The context length every FLOP fraction is also given at, whatever the evaluated ones: the issue's common yardstick.
+FLOP_REFERENCE_CONTEXT = 4096
 
 
 def load_metric(name: str):
-    """One of the project's `evaluate` modules (`executed_fraction`, `kv_ratio`), loaded from its local folder."""
+    """One of the project's `evaluate` modules (`routed_fraction`, `kv_fraction`), loaded from its local folder."""
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name), keep_in_memory=True)
@@ -67,21 +81,25 @@ def tokenize_texts(tokenizer, texts: list[str], max_tokens: int | None = None) -
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Perplexity, executed fraction and KV ratio on sliding windows
+# Perplexity, routed fraction, KV and FLOP fractions on sliding windows
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def sliding_windows(num_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+def sliding_windows(num_tokens: int, context_length: int, stride: int,
+                    full_context: bool = True) -> list[tuple[int, int, int]]:
     """`(begin, end, scored)` windows over a stream: each window holds at most `context_length` tokens, and its last
-    `scored` tokens are the ones not scored before (the first window scores all of its tokens but the first, which
-    has nothing to be predicted from). Every token after the first is scored exactly once."""
+    `scored` tokens are the ones scored there. Windows end `stride` tokens apart (the last at the end of the stream),
+    and a token is scored in the first window that holds it as one of its last `stride` tokens, so every scored token
+    has at least `context_length - stride` tokens of context. The first window scores only its last `stride` tokens
+    with `full_context`; without, all of its tokens (the first one, which has nothing to be predicted from, is left
+    out by `score_window`), so that every token after the first is scored exactly once."""
     if context_length < 2:
         raise ValueError(f"context length must be at least 2, got {context_length}")
     if not 0 < stride <= context_length:
         raise ValueError(f"stride must lie in [1, context length {context_length}], got {stride}")
     windows = []
-    scored_until = 0
     end = min(context_length, num_tokens)
+    scored_until = end - stride if full_context else 0
     while True:
         begin = max(0, end - context_length)
         windows.append((begin, end, end - scored_until))
@@ -96,6 +114,22 @@ def dense_kv_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     """Bytes a dense cache (keys and values in every layer) of `tokens` tokens takes for this architecture."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * tokens * config.num_key_value_heads * config.head_dim * element
+
+
+def measured_plan(config, per_layer_routed_fraction: list[float]) -> RoutingPlan:
+    """The `RoutingPlan` a MoD model ran: its routed layers and granularities with the share of tokens each routed
+    layer was measured to run (`per_layer_routed_fraction`, one value per layer)."""
+    if len(per_layer_routed_fraction) != config.num_hidden_layers:
+        raise ValueError(f"{len(per_layer_routed_fraction)} routed fractions for {config.num_hidden_layers} layers")
+    return RoutingPlan.from_config(config, [float(per_layer_routed_fraction[j]) for j in config.routed_layers])
+
+
+def flop_fractions(config, per_layer_routed_fraction: list[float], context_lengths) -> dict[str, float]:
+    """`{str(T): FLOP fraction of a prefill of T tokens}` for each of `context_lengths` and `FLOP_REFERENCE_CONTEXT`,
+    as the measured plan runs (`measured_plan`, `RoutingPlan.flop_fraction`); keys in increasing order."""
+    plan = measured_plan(config, per_layer_routed_fraction)
+    lengths = sorted({*context_lengths, FLOP_REFERENCE_CONTEXT})
+    return {str(t): plan.flop_fraction(config, t) for t in lengths}
 
 
 @dataclass
@@ -138,11 +172,14 @@ def evaluate_perplexity(
     dataset: str = "text",
     routing_metrics=None,
     progress: bool = True,
+    full_context: bool = True,
 ) -> dict:
-    """One perplexity row (MoD and base on the same windows) and, through `routing_metrics` (an `evaluate` module or
-    combination taking `routed_tokens`, `tokens`, `mod_kv_bytes`, `base_kv_bytes`), the MoD model's routing counts.
+    """One perplexity row (MoD and base on the same windows, see `sliding_windows`) and, through `routing_metrics`
+    (an `evaluate` module or combination taking `routed_tokens`, `tokens`, `mod_kv_bytes`, `base_kv_bytes`), the MoD
+    model's routing counts.
 
-    The row's `executed_fraction` is that of this text and context length alone.
+    The row's `kv_fraction` and `flop_fraction` (at its context length) are those of this text and context alone;
+    `min_context` is the fewest tokens of context a scored token had.
     """
     effective = min(context_length, stream.numel())
     if effective < context_length:
@@ -150,12 +187,13 @@ def evaluate_perplexity(
                        dataset, stream.numel(), context_length)
     stride = stride or max(effective // 2, 1)
     stride = min(stride, effective)
-    windows = sliding_windows(stream.numel(), effective, stride)
+    windows = sliding_windows(stream.numel(), effective, stride, full_context)
     dtype = next(mod.parameters()).dtype
     totals = {"mod": 0.0, "base": 0.0}
     count = 0
     layer_counts = [0] * mod.config.num_hidden_layers
     window_tokens = 0
+    kv_bytes = {"mod": 0, "dense": 0}
     for begin, end, scored in tqdm(windows, desc=f"perplexity {dataset} @{effective}", disable=not progress):
         window = stream[begin:end]
         m = score_window(mod, window, scored, is_mod=True)
@@ -163,16 +201,18 @@ def evaluate_perplexity(
         count += m.count
         layer_counts = [a + b for a, b in zip(layer_counts, m.routed_tokens)]
         window_tokens += window.numel()
+        dense = dense_kv_bytes(mod.config, window.numel(), dtype)
+        kv_bytes["mod"] += m.kv_bytes
+        kv_bytes["dense"] += dense
         if routing_metrics is not None:
-            routing_metrics.add_batch(
-                routed_tokens=[m.routed_tokens], tokens=[window.numel()],
-                mod_kv_bytes=[m.kv_bytes], base_kv_bytes=[dense_kv_bytes(mod.config, window.numel(), dtype)],
-            )
+            routing_metrics.add_batch(routed_tokens=[m.routed_tokens], tokens=[window.numel()],
+                                      mod_kv_bytes=[m.kv_bytes], base_kv_bytes=[dense])
         if base is not None:
             b = score_window(base, window, scored, is_mod=False)
             if b.count != m.count:
                 raise RuntimeError("MoD and base scored different numbers of tokens")
             totals["base"] += b.nll
+    per_layer = [c / window_tokens for c in layer_counts]
     return {
         "dataset": dataset,
         "context_length": effective,
@@ -181,8 +221,54 @@ def evaluate_perplexity(
         "base": math.exp(totals["base"] / count) if base is not None else None,
         "stride": stride,
         "windows": len(windows),
-        "executed_fraction": sum(layer_counts) / (window_tokens * len(layer_counts)),
+        "min_context": min(max(end - scored, 1) - begin for begin, end, scored in windows),
+        "kv_fraction": kv_bytes["mod"] / kv_bytes["dense"],
+        "flop_fraction": measured_plan(mod.config, per_layer).flop_fraction(mod.config, effective),
     }
+
+
+def evaluate_passkey(models: dict[str, torch.nn.Module | None], tokenizer, lengths: list[int], trials: int,
+                     max_positions: int, progress: bool = True) -> list[dict]:
+    """Results-schema `quality.passkey` rows (`lookup.passkey_rows`) of `models` ({"mod": ..., "base": ... or None})
+    at each prompt length the models' `max_positions` can hold; the others are left out with a warning."""
+    present = {name: model for name, model in models.items() if model is not None}
+    rows = []
+    for length in tqdm(lengths, desc="passkey", disable=not progress):
+        if length > max_positions:
+            logger.warning("passkey at %d tokens left out: more than the model's %d positions", length, max_positions)
+            continue
+        (row,) = passkey_rows(present, tokenizer, [length], trials)
+        for name in models:
+            row.setdefault(name, None)
+        rows.append(row)
+    return rows
+
+
+def evaluate_lookup(models: dict[str, torch.nn.Module | None], filler: torch.Tensor, distances: list[int],
+                    passage_tokens: int, trials: int, dataset: str, max_positions: int,
+                    progress: bool = True) -> list[dict]:
+    """Results-schema `quality.lookup` rows (`lookup.lookup_rows`) of `models` ({"mod": ..., "base": ... or None})
+    at each distance that `filler` and the models' `max_positions` can hold; the others are left out with a
+    warning."""
+    fitting = []
+    for distance in distances:
+        needed = distance - passage_tokens + 1
+        if distance + passage_tokens > max_positions:
+            logger.warning("look-up at distance %d left out: %d tokens exceed the model's %d positions", distance,
+                           distance + passage_tokens, max_positions)
+        elif filler.numel() < needed:
+            logger.warning("look-up at distance %d left out: the filler text %s has %d tokens, it needs %d", distance,
+                           dataset, filler.numel(), needed)
+        else:
+            fitting.append(distance)
+    present = {name: model for name, model in models.items() if model is not None}
+    rows = []
+    for distance in tqdm(fitting, desc=f"look-up {dataset}", disable=not progress):
+        (row,) = lookup_rows(present, filler, [distance], passage_tokens, trials, dataset=dataset)
+        for name in models:  # a model not measured (no base) is null
+            row.setdefault(name, None)
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -212,6 +298,10 @@ def evaluate_checkpoint(settings: EvalSettings) -> dict:
 
     mod, folder, base_model, base_name = load_models(model, settings.base, torch_device, torch_dtype,
                                                      use_base=not settings.no_base)
+    max_positions = mod.config.max_position_embeddings
+    if texts and max(settings.context_lengths) > max_positions:  # perplexity runs only on data
+        raise ValueError(f"context_lengths holds {max(settings.context_lengths)}, more than the model's "
+                         f"max_position_embeddings ({max_positions})")
     out_dir = Path(settings.out) if settings.out else default_output_dir(model)
     quality: dict = {}
     efficiency: dict = {}
@@ -221,30 +311,40 @@ def evaluate_checkpoint(settings: EvalSettings) -> dict:
         import evaluate
 
         tokenizer = load_tokenizer(folder, base_name)
-        routing_metrics = evaluate.combine([load_metric("executed_fraction"), load_metric("kv_ratio")])
+        routing_metrics = evaluate.combine([load_metric("routed_fraction"), load_metric("kv_fraction")])
         rows = []
-        total_tokens = 0
+        streams = {}
         for label, docs in texts.items():
-            stream = tokenize_texts(tokenizer, docs, settings.max_tokens)
-            total_tokens += stream.numel()
+            streams[label] = stream = tokenize_texts(tokenizer, docs, settings.max_tokens)
             for length in settings.context_lengths:
                 rows.append(evaluate_perplexity(mod, base_model, stream, length, settings.stride, label,
-                                                routing_metrics, progress))
+                                                routing_metrics, progress, settings.full_context))
         routing = routing_metrics.compute()
         quality["perplexity"] = rows
+        per_layer = routing["per_layer_routed_fraction"]
         efficiency.update({
-            "executed_fraction": routing["executed_fraction"],
-            "per_layer_routed_fraction": routing["per_layer_routed_fraction"],
-            "kv_ratio": routing["kv_ratio"],
+            "kv_fraction": routing["kv_fraction"],
+            "per_layer_routed_fraction": per_layer,
+            "flop_fraction": flop_fractions(mod.config, per_layer, [r["context_length"] for r in rows]),
             "measured_on": {"data": list(texts), "context_lengths": [r["context_length"] for r in rows],
-                            "tokens": total_tokens},
+                            "tokens": sum(s.numel() for s in streams.values())},
         })
         record.update(perplexity=rows, routing=routing)
-        from .plots import plot_executed_fraction
+        from .plots import plot_routed_fraction
 
-        plot_executed_fraction(routing["per_layer_routed_fraction"], mod.config.routed_layers,
-                               out_dir / "executed_fraction.png",
-                               title=f"{Path(model).name}: executed fraction {routing['executed_fraction']:.3f}")
+        plot_routed_fraction(per_layer, mod.config.routed_layers, out_dir / ROUTED_FRACTION_PLOT,
+                             title=f"{Path(model).name}: KV fraction {routing['kv_fraction']:.3f}")
+        if settings.lookup_distances:
+            filler_label = next(iter(streams))
+            quality["lookup"] = evaluate_lookup(
+                {"mod": mod, "base": base_model}, streams[filler_label], settings.lookup_distances,
+                settings.lookup_passage_tokens, settings.lookup_trials, filler_label, max_positions, progress)
+            record["lookup"] = quality["lookup"]
+    if settings.passkey_lengths:
+        quality["passkey"] = evaluate_passkey({"mod": mod, "base": base_model}, load_tokenizer(folder, base_name),
+                                              settings.passkey_lengths, settings.lookup_trials, max_positions,
+                                              progress)
+        record["passkey"] = quality["passkey"]
     config = mod.config
     del mod, base_model  # lm-eval loads its own copies
     if torch_device.type == "cuda":

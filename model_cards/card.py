@@ -48,6 +48,15 @@ ROUTING_VALUE_TEXT = {
                             "router)",
     ("gate_mode", "scale"): "scale (the paper's h + g * Attn(h), a + g * MLP(a))",
 }
+# What a token that a router skips leaves out, by `routing_granularity` (one value, or a list: "mixed").
+SKIPPED_TEXT = {
+    "block": "whether it runs that layer (attention and MLP) or skips it; a skipped token is not computed and writes "
+             "no keys or values",
+    "attention": "whether it runs that layer's attention or skips it; a skipped token writes no keys or values and "
+                 "still runs the layer's MLP",
+    "mixed": "whether it runs that layer or skips it (the whole layer or only its attention, as `routing_granularity` "
+             "says per layer); a skipped token writes no keys or values",
+}
 # Routing fields that only one router kind reads: the card says so next to them for the other kinds.
 ROUTING_FIELD_KIND = {"topk_capacity": "topk", "topk_aux_loss_coef": "topk", "load_loss_coef": "threshold",
                       "load_loss_target": "threshold"}
@@ -236,8 +245,10 @@ def _hardware_line(hardware: dict) -> str:
 def card_context(config, results: dict | None) -> dict:
     """Everything the template prints, as strings and rows of strings (the template only lays them out)."""
     routing = results["routing"] if results else routing_section(config)
+    granularity = routing.get("routing_granularity", "block")  # absent from results written before the field
     ctx: dict[str, Any] = {
         "has_results": results is not None,
+        "skipped_text": SKIPPED_TEXT.get(granularity if isinstance(granularity, str) else "mixed"),
         "routing_rows": _routing_rows(routing),
         "routing_source": RESULTS_FILENAME if results else "config.json (this checkpoint has no results.json)",
         "router_kind": routing["router_kind"],
@@ -257,20 +268,35 @@ def card_context(config, results: dict | None) -> dict:
         (_cell(r["task"]), _cell(r["metric"]), _cell(r.get("num_samples")), _cell(r["mod"]), _cell(r["base"]))
         for r in quality.get("tasks", [])
     ]
+    ctx["lookup_rows"] = [
+        (_cell(r["dataset"]), _cell(r["distance"]), _cell(r["passage_tokens"]), _cell(r["trials"]),
+         _cell(r["mod"]["accuracy"]), _cell((r["base"] or {}).get("accuracy")), _cell(r["mod"]["loss"]),
+         _cell((r["base"] or {}).get("loss")))
+        for r in quality.get("lookup", [])
+    ]
+    ctx["passkey_rows"] = [
+        (_cell(r["length"]), _cell(r["trials"]), _cell(r["mod"]["accuracy"]), _cell((r["base"] or {}).get("accuracy")),
+         _cell(r["mod"]["loss"]), _cell((r["base"] or {}).get("loss")))
+        for r in quality.get("passkey", [])
+    ]
     eff = results.get("efficiency") or {}
     ctx["efficiency_rows"] = [
         (label, _cell(eff[key])) for key, label in (
-            ("executed_fraction", "executed fraction (share of token-layer work that runs)"),
-            ("per_layer_routed_fraction", "routed fraction per layer"),
-            ("kv_ratio", "KV-cache size, MoD / base"),
+            ("kv_fraction", "KV fraction (bytes of K/V cache, MoD / base)"),
+            ("per_layer_routed_fraction", "share of tokens that ran each layer (its attention)"),
         ) if key in eff
-    ]
+    ] + [(f"FLOP fraction of a {length}-token prefill (executed / dense FLOPs)", _cell(value))
+         for length, value in (eff.get("flop_fraction") or {}).items()]
     ctx["latency_rows"] = [
-        (_cell(r["context_length"]), _cell(r["prefill_latency_ratio"]), _cell(r["ideal_latency_ratio"]),
-         _cell(r.get("kv_ratio")), _cell(r.get("peak_memory_ratio")))
+        (_cell(r["context_length"]), _cell(r["prefill_latency_ratio"]), _cell(r["flop_fraction"]),
+         _cell(r.get("kv_fraction")), _cell(r.get("peak_memory_ratio")))
         for r in eff.get("latency", [])
     ]
-    ctx["decode_rows"] = [(_cell(r["batch_size"]), _cell(r["throughput_ratio"])) for r in eff.get("decode", [])]
+    ctx["decode_rows"] = [
+        (_cell(r["batch_size"]), _cell(r.get("prompt_length")), _cell(r["throughput_ratio"]),
+         _cell(r.get("flop_fraction")), _cell(r.get("kv_fraction")))
+        for r in eff.get("decode", [])
+    ]
     ctx["hardware"] = _hardware_line(eff["hardware"]) if isinstance(eff.get("hardware"), dict) else None
     ctx["commands"] = [c for c in results.get("commands", []) if isinstance(c, str)]
     ctx["created"] = results.get("created")

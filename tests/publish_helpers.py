@@ -23,7 +23,7 @@ THRESHOLD = 0.55
 def sample_results(base_id: str = BASE_ID) -> dict:
     """A results JSON with every section the schema defines (values chosen to be distinguishable)."""
     return validate_results({
-        "schema_version": 1,
+        "schema_version": 2,
         "model": {"name_or_path": "tiny-mod", "base_model": base_id, "base_model_type": "llama"},
         "routing": {"router_kind": "threshold", "routed_layers": [1, 3], "router_threshold": THRESHOLD,
                     "gate_mode": "exact", "topk_capacity": 0.5, "calibration": None},
@@ -34,12 +34,21 @@ def sample_results(base_id: str = BASE_ID) -> dict:
                 {"dataset": "tiny-text", "context_length": 256, "tokens": 4096, "mod": 91.2345678, "base": 90.87},
                 {"dataset": "tiny-text", "context_length": 64, "tokens": 1024, "mod": 97.5, "base": None},
             ],
+            "lookup": [
+                {"dataset": "tiny-text", "distance": 192, "passage_tokens": 32, "trials": 3,
+                 "mod": {"accuracy": 0.4193, "loss": 3.377}, "base": {"accuracy": 0.7419, "loss": 1.2086}},
+                {"dataset": "tiny-text", "distance": 96, "passage_tokens": 16, "trials": 5,
+                 "mod": {"accuracy": 0.5867, "loss": 2.5}, "base": None},
+            ],
+            "passkey": [{"length": 479, "trials": 4, "mod": {"accuracy": 0.25, "loss": 0.99912},
+                         "base": {"accuracy": 1.0, "loss": 0.0848}}],
             "tasks": [{"task": "tiny-cloze", "metric": "acc", "mod": 0.61, "base": 0.625, "num_samples": 200}],
         },
         "efficiency": {
-            "executed_fraction": 0.7421875, "per_layer_routed_fraction": [1.0, 0.484375, 1.0, 0.5], "kv_ratio": 0.74,
-            "latency": [{"context_length": 1024, "prefill_latency_ratio": 0.8123, "ideal_latency_ratio": 0.7312,
-                         "kv_ratio": 0.7421, "peak_memory_ratio": None}],
+            "kv_fraction": 0.7421875, "per_layer_routed_fraction": [1.0, 0.484375, 1.0, 0.5],
+            "flop_fraction": {"64": 0.7583, "256": 0.7521, "4096": 0.7004},
+            "latency": [{"context_length": 1024, "prefill_latency_ratio": 0.8123, "flop_fraction": 0.7312,
+                         "kv_fraction": 0.7421, "peak_memory_ratio": None}],
             "decode": [{"batch_size": 4, "throughput_ratio": 1.07}],
             "hardware": {"device": "Test CPU", "device_type": "cpu", "dtype": "float32", "torch_threads": 2},
         },
@@ -66,13 +75,13 @@ def copy_checkpoint(folder: Path, dest: Path) -> Path:
 
 
 def numeric_leaves(value) -> list[float | int]:
-    """Every number in a JSON-like structure."""
+    """Every number in a JSON-like structure, numeric keys included."""
     if isinstance(value, bool):
         return []
     if isinstance(value, (int, float)):
         return [value] if not (isinstance(value, float) and math.isnan(value)) else []
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in numeric_leaves(v)]
+    if isinstance(value, dict):  # keys that are numbers too (efficiency.flop_fraction is keyed by context length)
+        return [int(k) for k in value if str(k).isdigit()] + [x for v in value.values() for x in numeric_leaves(v)]
     if isinstance(value, list):
         return [x for v in value for x in numeric_leaves(v)]
     return []

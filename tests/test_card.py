@@ -57,7 +57,15 @@ def test_rendered_card_parses_back_and_holds_exactly_the_results_numbers(checkpo
     assert "| tiny-text | 256 | 4096 | 91.2346 | 90.87 |" in text
     assert "| tiny-text | 64 | 1024 | 97.5 | n/a |" in text  # base not measured: said so, not invented
     assert "| tiny-cloze | acc | 200 | 0.61 | 0.625 |" in text
-    assert "| 1024 | 0.8123 | 0.7312 | 0.7421 | n/a |" in text
+    assert "| 1024 | 0.8123 | 0.7312 | 0.7421 | n/a |" in text  # latency, FLOP fraction, KV fraction, peak memory
+    assert "| 4 | n/a | 1.07 | n/a | n/a |" in text  # decode: what bench did not record is n/a
+    # the look-up table: MoD and base accuracy, then their losses; a base not measured is n/a
+    assert "| tiny-text | 192 | 32 | 3 | 0.4193 | 0.7419 | 3.377 | 1.2086 |" in text
+    assert "| tiny-text | 96 | 16 | 5 | 0.5867 | n/a | 2.5 | n/a |" in text
+    assert "| 479 | 4 | 0.25 | 1 | 0.99912 | 0.0848 |" in text  # passkey: prompt tokens, trials, accuracy, loss
+    assert "| KV fraction (bytes of K/V cache, MoD / base) | 0.742188 |" in text
+    assert "| FLOP fraction of a 4096-token prefill (executed / dense FLOPs) | 0.7004 |" in text
+    assert "attention and MLP" in text  # what a skipped token leaves out: the whole block (the default granularity)
     assert "Hardware: device: Test CPU; device type: cpu; dtype: float32; torch threads: 2." in text
     assert "| recipe | routers" in text and "| data | test-org/tiny-text |" in text
     assert results["commands"][0] in text

@@ -132,7 +132,7 @@ def test_demo_runs_end_to_end_on_a_tiny_base(tmp_path, monkeypatch, capsys):
     assert (folder / "README.md").is_file() and (folder / "model.safetensors").is_file()
     assert not (tmp_path / "demo-out-work" / "converted").exists()
     [chat] = report.chat
-    assert set(chat) == {"prompt", "base", "mod", "mod_executed_fraction"} and 0 < chat["mod_executed_fraction"] <= 1
+    assert set(chat) == {"prompt", "base", "mod", "mod_kv_fraction"} and 0 < chat["mod_kv_fraction"] <= 1
     quality, rows = summary_rows(results)
     assert [q[0] for q in quality] == ["shakespeare @128", "kjv @128"]
     assert any(k.startswith("prefill time @64") for k, _ in rows)

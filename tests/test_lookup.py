@@ -8,7 +8,9 @@ import torch
 from helpers import reference_text_files
 
 from modification.conversion.bases import DEFAULT_BASE, bases_dir
-from modification.evaluation.lookup import lookup_rows, repeated_passage_batch, repeated_passage_scores
+from modification.evaluation.lookup import (
+    lookup_rows, passkey_prompts, passkey_rows, repeated_passage_batch, repeated_passage_scores,
+)
 
 
 class Copier(torch.nn.Module):
@@ -52,8 +54,8 @@ def test_bad_input_is_refused():
 
 
 def test_the_real_base_copies_and_a_layer_deleted_breaks_it(tmp_path):
-    """SmolLM2-135M-Instruct copies a 64-token random passage from 512 tokens back; without its layer 16 (the layer
-    whose removal costs the least perplexity) it cannot."""
+    """SmolLM2-135M-Instruct copies a 64-token random passage from 512 tokens back and retrieves a pass key from a
+    512-token prompt; without its layer 16 (the layer whose removal costs the least perplexity) it does neither."""
     folder = bases_dir() / DEFAULT_BASE
     if not (folder / "config.json").is_file():
         pytest.skip(f"the base is not cached in {folder} (`modification fetch-base`)")
@@ -66,6 +68,13 @@ def test_the_real_base_copies_and_a_layer_deleted_breaks_it(tmp_path):
     filler = torch.tensor(tokenizer(held.read_text())["input_ids"][:4000])
     (row,) = lookup_rows({"base": base}, filler, [512], passage_tokens=64, trials=2)
     assert row["base"]["accuracy"] > 0.4, row
+    prompts = passkey_prompts(tokenizer, 512, trials=4)
+    assert all(len(ids) <= 512 and answer == 6 for ids, answer in prompts)  # " " and five digits, one token each
+    assert all(tokenizer.decode(ids[-5:]).isdigit() for ids, _ in prompts)
+    (passkey,) = passkey_rows({"base": base}, tokenizer, [512], trials=4)
+    assert passkey["base"]["accuracy"] == 1.0 and passkey["length"] == max(len(ids) for ids, _ in prompts)
     del base.model.layers[16]
     (broken,) = lookup_rows({"base": base}, filler, [512], passage_tokens=64, trials=2)
     assert broken["base"]["accuracy"] < 0.2 * row["base"]["accuracy"], (row, broken)
+    (broken,) = passkey_rows({"base": base}, tokenizer, [512], trials=4)
+    assert broken["base"]["accuracy"] <= 0.5 and broken["base"]["loss"] > 3 * passkey["base"]["loss"], broken

@@ -266,7 +266,7 @@ def test_cpu_release_chain_with_fit_card_and_dry_run_push(tmp_path, monkeypatch,
     calibration = results["routing"]["calibration"]
     assert calibration["data"] == [f"{k}-train.txt" for k in kinds] and calibration["budget"] == {"kv_fraction": 0.8}
     assert calibration["fit"]["plan_fractions"]["kv_fraction"] == pytest.approx(0.8)
-    assert abs(results["efficiency"]["executed_fraction"] - 0.8) < 0.1
+    assert abs(results["efficiency"]["kv_fraction"] - 0.8) < 0.1
     card = (fitted / "README.md").read_text()
     assert "license: mit" in card and "base_model: test-org/tiny-llama" in card
     for row in results["quality"]["perplexity"]:

@@ -1,8 +1,10 @@
-"""Executed fraction: the share of token-layer work a Mixture-of-Depths model actually ran.
+"""Routed fraction: per layer, the share of tokens that ran it in a Mixture-of-Depths model.
 
 An `evaluate` module (load it with `evaluate.load("<path to this folder>")`). Each example is one sequence: how many of
 its tokens ran each layer (`routed_tokens`, one count per layer, from the model's own router decisions) and how many
-non-padding tokens it has (`tokens`). Unrouted layers run every token, so their count equals `tokens`.
+non-padding tokens it has (`tokens`). Unrouted layers run every token, so their count equals `tokens`. With
+`routing_granularity="attention"` a skipped token still runs the layer's MLP: "ran" counts the attention (the K/V the
+token wrote), so the mean over layers is the KV fraction.
 """
 
 import datasets
@@ -10,9 +12,9 @@ import evaluate
 
 
 _DESCRIPTION = """
-Per-layer routed fraction (tokens that ran layer j / tokens) and its mean over layers, the executed fraction of a
-Mixture-of-Depths model. A dense model scores 1.0; a model whose routed layers skip half the tokens, every other layer,
-scores 0.75. Counts are summed over all sequences before dividing, so long sequences weigh more.
+Per-layer routed fraction (tokens that ran layer j / tokens) of a Mixture-of-Depths model. A dense model scores 1.0 in
+every layer; a layer that skips half the tokens scores 0.5. Counts are summed over all sequences before dividing, so
+long sequences weigh more.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -20,12 +22,11 @@ Args:
     routed_tokens (`list[list[int]]`): per sequence, the number of tokens that ran each layer.
     tokens (`list[int]`): per sequence, its number of non-padding tokens.
 Returns:
-    executed_fraction (`float`): mean over layers of the routed fraction, in [0, 1].
-    per_layer_routed_fraction (`list[float]`): the routed fraction of each layer.
+    per_layer_routed_fraction (`list[float]`): the routed fraction of each layer, in [0, 1].
 Examples:
-    >>> metric = evaluate.load("evaluation/metrics/executed_fraction")
+    >>> metric = evaluate.load("evaluation/metrics/routed_fraction")
     >>> metric.compute(routed_tokens=[[4, 2], [2, 1]], tokens=[4, 2])
-    {'executed_fraction': 0.75, 'per_layer_routed_fraction': [1.0, 0.5]}
+    {'per_layer_routed_fraction': [1.0, 0.5]}
 """
 
 _CITATION = """
@@ -39,7 +40,7 @@ _CITATION = """
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class ExecutedFraction(evaluate.Metric):
+class RoutedFraction(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -52,15 +53,15 @@ class ExecutedFraction(evaluate.Metric):
 
     def _compute(self, routed_tokens, tokens):
         if not tokens:
-            raise ValueError("executed_fraction needs at least one sequence")
+            raise ValueError("routed_fraction needs at least one sequence")
         num_layers = len(routed_tokens[0])
         if any(len(row) != num_layers for row in routed_tokens):
             raise ValueError("every sequence must give one routed-token count per layer, for the same layers")
         total = sum(int(t) for t in tokens)
         if total <= 0:
-            raise ValueError("executed_fraction needs at least one non-padding token")
+            raise ValueError("routed_fraction needs at least one non-padding token")
         for row, n in zip(routed_tokens, tokens):
             if any(not 0 <= int(c) <= int(n) for c in row):
                 raise ValueError(f"routed-token counts must lie in [0, tokens={n}], got {list(row)}")
-        per_layer = [sum(int(row[j]) for row in routed_tokens) / total for j in range(num_layers)]
-        return {"executed_fraction": sum(per_layer) / num_layers, "per_layer_routed_fraction": per_layer}
+        return {"per_layer_routed_fraction": [sum(int(row[j]) for row in routed_tokens) / total
+                                              for j in range(num_layers)]}

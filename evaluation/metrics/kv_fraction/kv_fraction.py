@@ -1,4 +1,4 @@
-"""KV ratio: bytes of key/value cache a Mixture-of-Depths model holds over what its dense base holds, same inputs.
+"""KV fraction: bytes of key/value cache a Mixture-of-Depths model holds over what its dense base holds, same inputs.
 
 An `evaluate` module (load it with `evaluate.load("<path to this folder>")`). Each example is one cached prefix (a
 sequence or a batch): the bytes held by the MoD model's `MoDCache` and by the base model's cache (measured, or the
@@ -10,8 +10,9 @@ import evaluate
 
 
 _DESCRIPTION = """
-Ratio of key/value cache bytes, MoD over base, summed over all examples before dividing. A skipped token writes no K/V
-in that layer, so with equal K/V sizes in every layer this ratio equals the executed fraction on the cached tokens.
+Key/value cache bytes, MoD over base, summed over all examples before dividing: the memory budget of a
+Mixture-of-Depths model. A token that skips a layer's attention writes no K/V there, so with equal K/V sizes in every
+layer this is the mean over layers of the share of tokens that ran attention (`RoutingPlan.kv_fraction`).
 """
 
 _KWARGS_DESCRIPTION = """
@@ -19,16 +20,16 @@ Args:
     mod_kv_bytes (`list[int]`): per example, bytes held by the MoD model's cache.
     base_kv_bytes (`list[int]`): per example, bytes held by the base (dense) model's cache.
 Returns:
-    kv_ratio (`float`): sum(mod_kv_bytes) / sum(base_kv_bytes).
+    kv_fraction (`float`): sum(mod_kv_bytes) / sum(base_kv_bytes).
 Examples:
-    >>> metric = evaluate.load("evaluation/metrics/kv_ratio")
+    >>> metric = evaluate.load("evaluation/metrics/kv_fraction")
     >>> metric.compute(mod_kv_bytes=[300, 150], base_kv_bytes=[400, 200])
-    {'kv_ratio': 0.75}
+    {'kv_fraction': 0.75}
 """
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class KVRatio(evaluate.Metric):
+class KVFraction(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -42,5 +43,5 @@ class KVRatio(evaluate.Metric):
     def _compute(self, mod_kv_bytes, base_kv_bytes):
         base_total = sum(int(b) for b in base_kv_bytes)
         if base_total <= 0:
-            raise ValueError("kv_ratio needs base_kv_bytes > 0")
-        return {"kv_ratio": sum(int(m) for m in mod_kv_bytes) / base_total}
+            raise ValueError("kv_fraction needs base_kv_bytes > 0")
+        return {"kv_fraction": sum(int(m) for m in mod_kv_bytes) / base_total}
