@@ -52,6 +52,7 @@ from modification.conversion.checkpoint import load_mod_model, save_checkpoint
 from modification.conversion.convert import convert_model
 from modification.conversion.data import load_blocks
 from modification.conversion.fit import (
+    shortgpt_order,
     LayerMeasurements, calibration_batches, candidate_layers, fit_routers, fit_settings_record, fitted_router_weights,
     fold_thresholds_into_biases, measure_layers, model_for_plan, routable_layers, with_plan,
 )
@@ -200,30 +201,6 @@ def topk(curve: Curve, fit: MoDForCausalLM, f: float):
     calibrate_thresholds(causal, curve.calib, Budget(kv_fraction=f), progress=False)
     curve.result["plans"][str(f)]["topk"] = {"layers": layers, "capacity": round(capacity, 4), "note": note}
     return causal, {"training": training, "routed_layers": layers, "capacity": round(capacity, 4)}
-
-
-def shortgpt_order(base: LlamaForCausalLM, calib: list[dict]) -> tuple[list[int], list[float]]:
-    """Layers by falling mean cosine similarity between their input and output hidden states on `calib`: the order in
-    which ShortGPT removes them. Returns the order and the similarities."""
-    sums = [0.0] * len(base.model.layers)
-
-    def hook(j: int):
-        def add(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            hidden_out = output[0] if isinstance(output, tuple) else output
-            sums[j] += torch.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1).sum().item()
-        return add
-
-    handles = [layer.register_forward_hook(hook(j), with_kwargs=True) for j, layer in enumerate(base.model.layers)]
-    try:
-        with torch.no_grad():
-            for batch in calib:
-                base(batch["input_ids"], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    cosine = [s / sum(b["input_ids"].numel() for b in calib) for s in sums]
-    return sorted(range(len(cosine)), key=lambda j: -cosine[j]), cosine
 
 
 def removal(curve: Curve, f: float):

@@ -643,6 +643,30 @@ def fold_thresholds_into_biases(model: MoDForCausalLM) -> None:
     model.config.router_threshold = 0.5
 
 
+def shortgpt_order(base: torch.nn.Module, calib: Sequence[dict]) -> tuple[list[int], list[float]]:
+    """Layers by falling mean cosine similarity between their input and output hidden states on `calib`: the order in
+    which ShortGPT removes them. Returns the order and the similarities."""
+    sums = [0.0] * len(base.model.layers)
+
+    def hook(j: int):
+        def add(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            sums[j] += torch.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1).sum().item()
+        return add
+
+    handles = [layer.register_forward_hook(hook(j), with_kwargs=True) for j, layer in enumerate(base.model.layers)]
+    try:
+        with torch.no_grad():
+            for batch in calib:
+                base(batch["input_ids"], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    cosine = [s / sum(b["input_ids"].numel() for b in calib) for s in sums]
+    return sorted(range(len(cosine)), key=lambda j: -cosine[j]), cosine
+
+
 def calibration_batches(
     data: list[str], tokenizer, seq_len: int, blocks_per_source: int, held_out_fraction: float,
     text_field: str = "text", split: str = "train", data_config: str | None = None, progress: bool = True,
