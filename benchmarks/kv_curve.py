@@ -43,7 +43,11 @@ from modification.conversion.bases import fetch_base
 from modification.conversion.convert import convert_model
 from modification.conversion.data import load_blocks
 from modification.conversion.fit import (
-    LayerMeasurements, calibration_batches, fit_routers, measure_layers, shortgpt_order,
+    LayerMeasurements,
+    calibration_batches,
+    fit_routers,
+    measure_layers,
+    shortgpt_order,
 )
 from modification.conversion.settings import FitOptions
 from modification.conversion.texts import prepare_texts

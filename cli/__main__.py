@@ -4,5 +4,4 @@ import sys
 
 from .main import main
 
-
 sys.exit(main())

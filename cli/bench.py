@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from modification.evaluation.settings import BenchSettings
 
-
 HELP = "prefill latency, decode tokens/s, KV bytes and peak memory, MoD vs base, next to the FLOP fraction"
 SETTINGS = BenchSettings
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from modification.model_cards.settings import CardSettings
 
-
 HELP = "render the model card (README.md) of a MoD checkpoint"
 SETTINGS = CardSettings
 

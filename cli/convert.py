@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from modification.conversion.settings import ConvertSettings
 
-
 HELP = "convert a Llama/Mistral/Qwen2/Qwen3 checkpoint into a MoD checkpoint"
 SETTINGS = ConvertSettings
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from modification.evaluation.settings import EvalSettings
 
-
 HELP = "perplexity, look-up, KV and FLOP fractions and lm-eval tasks, MoD next to its base"
 SETTINGS = EvalSettings
 

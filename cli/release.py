@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-
 HELP = "convert, fit, train, calibrate, eval, bench, card and push members of the release manifest"
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from modification.evaluation.settings import RoutingMapSettings
 
-
 HELP = "token x layer routing map of a text (PNG + HTML) and per-layer bars"
 SETTINGS = RoutingMapSettings
 

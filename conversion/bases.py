@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 from .atomic import atomic_output_dir
 from .corpus import cache_dir
 
-
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 

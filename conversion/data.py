@@ -19,7 +19,6 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json")
 

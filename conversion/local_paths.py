@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-
 # A path component: no slash, no line break, no whitespace at either end (so two BPE tokens such as "/ab /cd", or a
 # sentence with slashes, are not taken for a path, while "/Users/Jane Doe/model" is).
 _PART = r"[^/\s](?:[^/\n]*[^/\s])?"

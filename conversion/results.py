@@ -69,7 +69,6 @@ from typing import Any
 
 from .local_paths import public_command, public_name, public_strings
 
-
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2

@@ -30,10 +30,8 @@ import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-
 from .atomic import atomic_write_text
 from .corpus import CORPUS_DESCRIPTION, cache_dir, corpus_files
-
 
 TEXT_KINDS = ("shakespeare", "kjv", "gcide")
 TEXT_DESCRIPTIONS = {

@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 from modification.conversion.texts import (
-    TextSourceMissingError, _check_kinds, atomic_write_text, available_text_kinds, prepare_texts,
+    TextSourceMissingError,
+    _check_kinds,
+    atomic_write_text,
+    available_text_kinds,
+    prepare_texts,
 )
-
 
 LAST_WORD_TASK = "modification_last_word"
 LAST_WORD_TAG = "modification_last_word_kinds"

@@ -9,9 +9,11 @@ from pathlib import Path
 import torch
 
 from modification.conversion.checkpoint import (
-    CheckpointError, fastest_attn_implementation, load_mod_model, read_mod_config,
+    CheckpointError,
+    fastest_attn_implementation,
+    load_mod_model,
+    read_mod_config,
 )
-
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,8 @@ def plot_routed_fraction(
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="tab:orange", label="routed layer"), Patch(color="tab:gray", label="runs every token"),
+    ax.legend(handles=[Patch(color="tab:orange", label="routed layer"),
+                       Patch(color="tab:gray", label="runs every token"),
                        Line2D([], [], color="tab:blue", linestyle="--", label=f"KV fraction {mean:.3f}")],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title or "Routed fraction per layer")

@@ -42,7 +42,6 @@ from .loading import default_output_dir, load_models, load_tokenizer, pick_devic
 from .lookup import lookup_rows, passkey_rows
 from .settings import EvalSettings
 
-
 logger = logging.getLogger(__name__)
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"

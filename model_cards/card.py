@@ -20,7 +20,13 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from modification.conversion.checkpoint import (
-    HUB_ID, CheckpointError, card_license, card_license_fields, is_hub_id, read_mod_config, resolve_checkpoint,
+    HUB_ID,
+    CheckpointError,
+    card_license,
+    card_license_fields,
+    is_hub_id,
+    read_mod_config,
+    resolve_checkpoint,
 )
 from modification.conversion.local_paths import public_name
 from modification.conversion.results import RESULTS_FILENAME, load_results, public_results, routing_section
@@ -28,7 +34,6 @@ from modification.conversion.settings import RECIPES
 from modification.modeling.configuration_mod import ROUTING_FIELDS
 
 from .settings import CardSettings
-
 
 logger = logging.getLogger(__name__)
 

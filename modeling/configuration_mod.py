@@ -12,7 +12,6 @@ from typing import Literal
 # validators (`validate_*`) run on construction and on `save_pretrained`.
 from transformers.configuration_utils import PreTrainedConfig, strict
 
-
 ROUTER_KINDS = ("threshold", "topk", "dense")
 GATE_MODES = ("scale", "exact")
 ROUTING_GRANULARITIES = ("block", "attention")
@@ -56,7 +55,8 @@ def _check_non_negative(value: float) -> None:
 def _check_target(value: float | list[float] | None) -> None:
     for t in value if isinstance(value, list) else [value]:
         if t is not None and not 0.0 <= t <= 1.0:
-            raise ValueError(f"load_loss_target must lie in [0, 1] (one value or one per routed layer) or be None, got {t}")
+            raise ValueError("load_loss_target must lie in [0, 1] (one value or one per routed layer) or be None, "
+                             f"got {t}")
 
 
 def _check_sink_tokens(value: int) -> None:
@@ -199,7 +199,9 @@ class MoDConfig(PreTrainedConfig):
     model_type = "modification"
     # Everything a forward can return besides the logits: Trainer.evaluate/predict hand only the logits to
     # compute_metrics.
-    keys_to_ignore_at_inference = ["cache", "router_logits", "aux_loss", "lm_loss", "routed_fraction", "router_decisions"]
+    keys_to_ignore_at_inference = [
+        "cache", "router_logits", "aux_loss", "lm_loss", "routed_fraction", "router_decisions",
+    ]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
@@ -238,7 +240,8 @@ class MoDConfig(PreTrainedConfig):
     router_kind: Literal["threshold", "topk", "dense"] = routing_field(
         "threshold",
         "threshold: MoDification's causal threshold-p operator (a token runs a routed layer iff its gate "
-        "g = sigmoid(router(x)) >= p); topk: original MoD (the ceil(topk_capacity * n) tokens of each sequence with the "
+        "g = sigmoid(router(x)) >= p); topk: original MoD (the ceil(topk_capacity * n) tokens of each sequence "
+        "with the "
         "largest router logits run the layer in training and prefill, g >= p when decoding, the router trained by a "
         "BCE loss to predict top-k membership); dense: every token runs every layer (the base model; routers kept, "
         "frozen, so weights round-trip)",
@@ -385,7 +388,8 @@ class MoDConfig(PreTrainedConfig):
                 validator(getattr(self, name))
         if self.routed_layers and self.routed_layers[-1] >= self.num_hidden_layers:
             raise ValueError(f"routed_layers holds {self.routed_layers[-1]}, but layer indices must lie in [0, "
-                             f"{self.num_hidden_layers - 1}] (the model has num_hidden_layers={self.num_hidden_layers})")
+                             f"{self.num_hidden_layers - 1}] (the model has "
+                             f"num_hidden_layers={self.num_hidden_layers})")
         for name in ("router_threshold", "routing_granularity", "load_loss_target"):  # one value per routed layer
             value = getattr(self, name)
             if isinstance(value, list) and len(value) != len(self.routed_layers):

@@ -18,7 +18,6 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -33,7 +32,6 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mod import MoDConfig
-
 
 try:  # PyTorch's own FlashAttention varlen API (CUDA only), used by attn_implementation="torch_varlen"
     from torch.nn.attention.varlen import varlen_attn
@@ -60,7 +58,7 @@ _NO_ATTENTION_WEIGHTS = ("MoD models run packed variable-length attention over r
 
 
 def _causal_sdpa(query, key, value, scaling: float, dropout: float) -> torch.Tensor:
-    """SDPA over `[batch, heads, q_len, dim]` queries that are the last `q_len` of `k_len` keys (bottom-right causal)."""
+    """SDPA over `[batch, heads, q_len, dim]` queries, the last `q_len` of `k_len` keys (bottom-right causal)."""
     q_len, k_len = query.shape[2], key.shape[2]
     mask = None  # equal lengths: SDPA's own causal mask; one query: it sees every key
     if 1 < q_len < k_len:
@@ -169,7 +167,8 @@ def resolve_attention_function(attn_implementation: str | None) -> Callable:
     function = MOD_ATTENTION_FUNCTIONS.get(attn_implementation or "sdpa")
     if function not in _PACKED_ATTENTION_FUNCTIONS:
         raise ValueError(
-            f"attn_implementation={attn_implementation!r} cannot run MoD's packed variable-length attention over routed "
+            f"attn_implementation={attn_implementation!r} cannot run MoD's packed variable-length attention over "
+            "routed "
             "tokens; use 'eager' or 'sdpa' (the exact path), 'flash_attention_2', 'flash_attention_3', "
             "'flash_attention_4' or a flash-attn kernel from the Hub (e.g. 'kernels-community/flash-attn2'), or "
             "'torch_varlen' (PyTorch's varlen kernel)"
@@ -919,7 +918,8 @@ class MoDPreTrainedModel(PreTrainedModel):
     def _check_and_adjust_attn_implementation(
         self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
     ) -> str:
-        applicable = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
+        applicable = super()._check_and_adjust_attn_implementation(
+            attn_implementation, is_init_check, allow_all_kernels)
         resolve_attention_function(applicable)  # refuse, now, an implementation MoD could not run
         return applicable
 

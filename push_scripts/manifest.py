@@ -28,7 +28,6 @@ from modification.conversion.steps import StepSettings
 from modification.evaluation.settings import BenchSettings, EvalSettings
 from modification.model_cards.settings import CardSettings, PushSettings
 
-
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "releases.yaml"
 STEP_SETTINGS = {"convert": ConvertSettings, "fit": FitSettings, "train": TrainSettings,
                  "calibrate": CalibrateSettings, "eval": EvalSettings, "bench": BenchSettings, "card": CardSettings,

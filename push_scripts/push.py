@@ -22,9 +22,9 @@ from pathlib import Path
 from modification.conversion.checkpoint import (
     AUTO_MAP,
     CODE_FILES,
+    HUB_ID,
     MODELING_DIR,
     TOKENIZER_FILES,
-    HUB_ID,
     CheckpointError,
     read_mod_config,
     resolve_checkpoint,
@@ -34,7 +34,6 @@ from modification.conversion.local_paths import local_path_problems
 from modification.conversion.results import RESULTS_FILENAME
 from modification.model_cards.card import CARD_FILENAME, card_problems, render_card
 from modification.model_cards.settings import PushSettings
-
 
 logger = logging.getLogger(__name__)
 

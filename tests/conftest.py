@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-
 # Variables that change where the Hub is, whether it may be reached, and with which token.
 HF_VARIABLES = (
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_ENDPOINT",

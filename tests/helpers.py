@@ -7,12 +7,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
-from transformers import Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from modification.conversion.convert import convert_model
 from modification.modeling import MoDForCausalLM
-
 
 VOCAB = 97
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -194,8 +201,8 @@ def text_mod_checkpoint(folder: Path, vocab_size: int = 384, seed: int = 0, **ro
     """A tiny Llama with a BPE tokenizer trained on real text, converted to a MoD checkpoint folder.
 
     Returns (mod_dir, train.txt, held_out.txt)."""
-    from modification.conversion.corpus import train_tokenizer
     from modification.conversion.convert import convert_checkpoint
+    from modification.conversion.corpus import train_tokenizer
     from modification.conversion.settings import ConvertSettings
 
     train, test = reference_text_files(folder / "text")

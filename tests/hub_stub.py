@@ -19,7 +19,6 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import yaml
 
-
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".model")
 LFS_MIN_BYTES = 10 * 1024 * 1024  # the Hub stores files of 10 MB and more in LFS whatever their name
 FRONT_MATTER = re.compile(r"^\s*---\r?\n([\S\s]*?)\r?\n---[ \t]*(\r?\n|$)")

@@ -14,7 +14,6 @@ from modification.conversion.convert import convert_checkpoint
 from modification.conversion.results import RESULTS_FILENAME, validate_results
 from modification.conversion.settings import ConvertSettings
 
-
 REPO_ID = "test-org/tiny-mod"
 BASE_ID = "test-org/tiny-llama"
 THRESHOLD = 0.55

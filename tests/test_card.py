@@ -7,12 +7,18 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 from publish_helpers import (
-    BASE_ID, REPO_ID, copy_checkpoint, make_checkpoint, numbers_in_text, numeric_leaves, sample_results,
+    BASE_ID,
+    REPO_ID,
+    copy_checkpoint,
+    make_checkpoint,
+    numbers_in_text,
+    numeric_leaves,
+    sample_results,
 )
 
 from modification.cli.main import main as cli
-from modification.conversion.results import RESULTS_FILENAME
 from modification.conversion.checkpoint import read_mod_config
+from modification.conversion.results import RESULTS_FILENAME
 from modification.model_cards.card import card_problems, fmt, render_card
 from modification.modeling.configuration_mod import ROUTING_FIELDS
 
@@ -84,7 +90,8 @@ def test_card_without_results_says_not_measured(tmp_path):
     assert sections["Quality"].strip() == "Not measured."
     assert sections["Efficiency"].strip() == "Not measured."
     assert "Not recorded" in sections["Training"]
-    assert "From config.json" in sections["Routing"] and "| router threshold (`router_threshold`) | 0.55 (every routed layer) |" in card.text
+    assert "From config.json" in sections["Routing"]
+    assert "| router threshold (`router_threshold`) | 0.55 (every routed layer) |" in card.text
     # every number comes from config.json's routing fields
     config = read_mod_config(folder)
     allowed = {fmt(x) for name in ROUTING_FIELDS for x in numeric_leaves(getattr(config, name))}

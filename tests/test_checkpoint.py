@@ -11,8 +11,8 @@ import torch
 from helpers import VOCAB, place_in_hub_cache, save_base, tiny_base, tiny_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from modification.conversion.checkpoint import CheckpointError, load_mod_model
 from modification.cli.main import main as cli
+from modification.conversion.checkpoint import CheckpointError, load_mod_model
 from modification.conversion.convert import UnsupportedArchitectureError, convert_checkpoint
 from modification.conversion.settings import ConvertSettings
 

@@ -7,7 +7,12 @@ import torch
 from helpers import tiny_tokenizer
 
 from modification.conversion.data import (
-    DataError, load_blocks, mix_blocks, read_documents, split_blocks, tokenize_and_pack,
+    DataError,
+    load_blocks,
+    mix_blocks,
+    read_documents,
+    split_blocks,
+    tokenize_and_pack,
 )
 
 

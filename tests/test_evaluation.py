@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import VOCAB, reference_forward, routed_model, save_base, tiny_base, tiny_tokenizer
 
-from modification.conversion.checkpoint import save_checkpoint
 from modification.cli.main import main as cli
-from modification.evaluation.quality import load_metric, sliding_windows, tokenize_texts
+from modification.conversion.checkpoint import save_checkpoint
 from modification.conversion.results import load_results, update_results
+from modification.evaluation.quality import load_metric, sliding_windows, tokenize_texts
 from modification.modeling.configuration_mod import RoutingPlan
 
 

@@ -131,7 +131,8 @@ def test_kv_bytes_equal_the_routed_share_exactly(granularity):
     kv_fraction = out.cache.kv_bytes() / (n_layers * n_valid * _kv_entry_bytes(model))
     assert 0.5 < kv_fraction < 0.95  # a real share skipped
     assert kv_fraction == pytest.approx(out.routed_fraction.double().mean().item(), abs=1e-7)
-    measured = RoutingPlan.from_config(model.config, [out.routed_fraction[j].item() for j in model.config.routed_layers])
+    shares = [out.routed_fraction[j].item() for j in model.config.routed_layers]
+    measured = RoutingPlan.from_config(model.config, shares)
     assert measured.kv_fraction() == pytest.approx(kv_fraction, abs=1e-7)
 
 

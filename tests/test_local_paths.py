@@ -9,15 +9,14 @@ import pytest
 from hub_stub import HubStub
 from publish_helpers import BASE_ID, REPO_ID, copy_checkpoint, isolate_hub, make_checkpoint
 
+from modification.cli.main import main as cli
 from modification.conversion.bases import KNOWN_BASES, bases_dir
 from modification.conversion.checkpoint import CODE_FILES, MODELING_DIR, CheckpointError
-from modification.cli.main import main as cli
 from modification.conversion.corpus import cache_dir
 from modification.conversion.local_paths import local_path_problems, public_command, public_name, public_strings
 from modification.model_cards.card import render_card
 from modification.model_cards.settings import PushSettings
 from modification.push_scripts.push import push_checkpoint
-
 
 REGISTRY_NAME = "smollm2-135m-instruct"
 

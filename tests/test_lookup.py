@@ -9,7 +9,11 @@ from helpers import reference_text_files
 
 from modification.conversion.bases import DEFAULT_BASE, bases_dir
 from modification.evaluation.lookup import (
-    lookup_rows, passkey_prompts, passkey_rows, repeated_passage_batch, repeated_passage_scores,
+    lookup_rows,
+    passkey_prompts,
+    passkey_rows,
+    repeated_passage_batch,
+    repeated_passage_scores,
 )
 
 

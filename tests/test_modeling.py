@@ -3,12 +3,11 @@
 import pytest
 import torch
 from helpers import ARCHS, VOCAB, left_padded_batch, reference_forward, routed_model, tiny_base
+from huggingface_hub.errors import StrictDataclassError
 
 from modification.conversion.convert import convert_model
 from modification.conversion.train import enable_checkpointing
 from modification.modeling import MoDConfig, MoDForCausalLM
-from huggingface_hub.errors import StrictDataclassError
-
 from modification.modeling.modeling_mod import sdpa_packed_attention_forward
 
 

@@ -115,7 +115,8 @@ class ModelTesterMixin:
         model = self.model_tester.create_model()
         config = model.config
         router_keys = sorted(k for k in model.state_dict() if ".router." in k)
-        assert router_keys == sorted(f"model.layers.{i}.router.{p}" for i in config.routed_layers for p in ("bias", "weight"))
+        assert router_keys == sorted(
+            f"model.layers.{i}.router.{p}" for i in config.routed_layers for p in ("bias", "weight"))
         expected = {"threshold": "ThresholdRouter", "topk": "TopKRouter", "dense": "DenseRouter"}[config.router_kind]
         for i, layer in enumerate(model.model.layers):
             assert hasattr(layer, "router") == (i in config.routed_layers)
@@ -127,7 +128,8 @@ class ModelTesterMixin:
         model = self.model_tester.create_model(config=config)
         labels = inputs["input_ids"]
         with torch.no_grad():
-            for kwargs in ({}, {"labels": labels}, {"output_hidden_states": True}, {"labels": labels, "use_cache": False},
+            for kwargs in ({}, {"labels": labels}, {"output_hidden_states": True},
+                           {"labels": labels, "use_cache": False},
                            {"output_router_logits": True, "labels": labels}, {"output_router_decisions": True}):
                 as_dict = model(**inputs, **kwargs)
                 as_tuple = model(**inputs, **kwargs, return_dict=False)
@@ -302,7 +304,8 @@ class ModelTesterMixin:
     def test_trainer_train_and_evaluate_with_compute_metrics(self, tmp_path):
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
         model = self.model_tester.create_model(config=config)
-        rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids} for ids in inputs["input_ids"]]
+        rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+                for ids in inputs["input_ids"]]
         seen = {}
 
         def compute_metrics(eval_pred):
@@ -314,7 +317,8 @@ class ModelTesterMixin:
             output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, compute_metrics=compute_metrics)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
+                          compute_metrics=compute_metrics)
         trainer.train()
         metrics = trainer.evaluate()
         # compute_metrics gets the logits alone, not a tuple with the routing outputs

@@ -16,10 +16,9 @@ from helpers import VOCAB, place_in_hub_cache
 from hub_stub import HubStub
 from publish_helpers import BASE_ID, REPO_ID, copy_checkpoint, isolate_hub, make_checkpoint
 
-from modification.conversion.checkpoint import load_mod_model
 from modification.cli.main import main as cli
+from modification.conversion.checkpoint import load_mod_model
 from modification.model_cards.card import render_card
-
 
 UPLOADED = {
     "README.md", "config.json", "configuration_mod.py", "generation_config.json", "model.safetensors",

@@ -17,13 +17,18 @@ import torch
 from helpers import tiny_base, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from modification.cli.main import main as cli
 from modification.conversion import bases
 from modification.conversion.bases import (
-    KNOWN_BASES, BaseDownloadError, BaseFetchError, BaseNotFetchedError, base_hub_id, base_path, fetch_base,
+    KNOWN_BASES,
+    BaseDownloadError,
+    BaseFetchError,
+    BaseNotFetchedError,
+    base_hub_id,
+    base_path,
+    fetch_base,
 )
-from modification.cli.main import main as cli
 from modification.conversion.convert import convert_model
-
 
 NAME = "smollm2-135m-instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -35,7 +35,8 @@ def test_modeling_files_import_only_torch_transformers_and_each_other():
             for parent in ast.walk(tree):
                 if isinstance(parent, ast.Try) and any(child is node for child in ast.walk(parent)):
                     inside_try = True
-            allowed = {"torch", "transformers", "<relative>", "math", "collections", "dataclasses", "typing", "textwrap"}
+            allowed = {"torch", "transformers", "<relative>", "math", "collections", "dataclasses", "typing",
+                       "textwrap"}
             assert inside_try or roots <= allowed, f"{name} imports {roots - allowed}"
 
 

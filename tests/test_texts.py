@@ -20,9 +20,12 @@ from modification.conversion.bases import DEFAULT_BASE, bases_dir
 from modification.conversion.texts import TEXT_KINDS, atomic_write_text, prepare_texts
 from modification.evaluation import last_word
 from modification.evaluation.last_word import (
-    last_word_accuracy, last_word_examples, last_word_scores, read_examples, write_last_word_task,
+    last_word_accuracy,
+    last_word_examples,
+    last_word_scores,
+    read_examples,
+    write_last_word_task,
 )
-
 
 MIN_HELD_OUT_TOKENS, MIN_TRAIN_TOKENS = 40_000, 100_000
 BASE_DIR = bases_dir() / DEFAULT_BASE

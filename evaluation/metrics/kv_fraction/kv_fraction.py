@@ -8,7 +8,6 @@ dense size computed from the config) after running it.
 import datasets
 import evaluate
 
-
 _DESCRIPTION = """
 Key/value cache bytes, MoD over base, summed over all examples before dividing: the memory budget of a
 Mixture-of-Depths model. A token that skips a layer's attention writes no K/V there, so with equal K/V sizes in every

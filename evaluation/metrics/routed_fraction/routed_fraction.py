@@ -10,7 +10,6 @@ token wrote), so the mean over layers is the KV fraction.
 import datasets
 import evaluate
 
-
 _DESCRIPTION = """
 Per-layer routed fraction (tokens that ran layer j / tokens) of a Mixture-of-Depths model. A dense model scores 1.0 in
 every layer; a layer that skips half the tokens scores 0.5. Counts are summed over all sequences before dividing, so
