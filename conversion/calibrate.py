@@ -4,7 +4,8 @@ The budget is a KV fraction (K/V entries written over the dense model's: the rou
 unrouted layers counting 1) or a FLOP fraction at a context length (`conversion/budget.py`). Per-layer calibration
 brings the checkpoint's `RoutingPlan` to the budget (`Budget.scale`: a fit's plan keeps its proportions; a checkpoint
 without one spreads the budget evenly over its routed layers) and sets each layer's threshold to the gate quantile
-that routes its planned share of the tokens, layer by layer in order (a threshold changes what later layers see).
+that routes its planned share of the tokens, layer by layer in order (a threshold changes what later layers see), all
+in one forward pass over the calibration text.
 Global calibration bisects one threshold for all layers.
 """
 
@@ -36,6 +37,13 @@ def _sinks(model: MoDForCausalLM, batch: dict) -> torch.Tensor:
     return routers[0].sink_mask(None, _valid(batch))
 
 
+def _positions(batch: dict) -> dict:
+    """`position_ids` counted from each sequence's first real token (as generation passes them under left padding),
+    for a batch with a padding mask; nothing to add for one without."""
+    mask = batch.get("attention_mask")
+    return {} if mask is None else {"position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+
 @torch.no_grad()
 def _collect(model: MoDForCausalLM, batches: Sequence[dict]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Router logits per layer of the valid tokens that the router decides (sinks run by rule and are left out),
@@ -44,7 +52,7 @@ def _collect(model: MoDForCausalLM, batches: Sequence[dict]) -> tuple[list[torch
     routed = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
     total = 0
     for batch in batches:
-        out = model(**batch, use_cache=False, output_router_decisions=True, logits_to_keep=1)
+        out = model(**batch, **_positions(batch), use_cache=False, output_router_decisions=True, logits_to_keep=1)
         valid = _valid(batch)
         n = int(valid.sum())
         routed += out.routed_fraction.double().cpu() * n
@@ -53,6 +61,19 @@ def _collect(model: MoDForCausalLM, batches: Sequence[dict]) -> tuple[list[torch
         for i, layer_logits in zip(model.config.routed_layers, out.router_logits):  # one per routed layer
             logits[i].append(layer_logits[decided.to(layer_logits.device)].float().cpu())
     return [torch.cat(x) if x else torch.empty(0) for x in logits], routed / max(total, 1)
+
+
+def _one_batch(batches: Sequence[dict]) -> dict:
+    """Every sequence of `batches` in one batch: their real tokens, right-padded (with a mask) to the longest."""
+    rows = [ids[valid] for batch in batches for ids, valid in zip(batch["input_ids"], _valid(batch))]
+    width = max(len(row) for row in rows)
+    if all(len(row) == width for row in rows):
+        return {"input_ids": torch.stack(rows)}
+    ids = torch.zeros(len(rows), width, dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def quantile_logit(logits: torch.Tensor, fraction: float) -> float:
@@ -110,16 +131,29 @@ def calibrate_thresholds(
     was_training = model.training
     model.eval()
     if per_layer:
-        shares = dict(zip(plan.routed_layers, plan.routed_share))
-        thresholds = [0.5] * len(layers)
-        # Route everything downstream while calibrating layer j, then fix j and move on.
-        lowest = logit_to_threshold(-THRESHOLD_LOGIT_LIMIT)
-        for j, layer_idx in enumerate(tqdm(layers, desc="calibrating layers", disable=not progress)):
-            config.router_threshold = thresholds[:j] + [lowest] * (len(layers) - j)
-            logits, _ = _collect(model, batches)
-            share = _decided_share(model, batches, shares[layer_idx])
-            thresholds[j] = logit_to_threshold(quantile_logit(logits[layer_idx], share))
-        config.router_threshold = thresholds
+        # One forward pass over every sequence at once: each router, just before it decides, gets the threshold that
+        # routes its planned share of the tokens it sees, with every earlier layer already routing at its own.
+        share = {j: _decided_share(model, batches, r) for j, r in zip(plan.routed_layers, plan.routed_share)}
+        config.router_threshold = [0.5] * len(layers)
+
+        def set_threshold(router, args) -> None:
+            hidden_states, position_ids, valid = args[:3]
+            decided = ~router.sink_mask(position_ids, valid)
+            decided = decided if valid is None else decided & valid
+            logits = router.score(hidden_states)[decided]
+            thresholds = list(config.router_threshold)
+            thresholds[layers.index(router.layer_idx)] = logit_to_threshold(
+                quantile_logit(logits, share[router.layer_idx]))
+            config.router_threshold = thresholds
+
+        routers = [model.model.layers[j].router for j in layers]
+        handles = [router.register_forward_pre_hook(set_threshold) for router in routers]
+        try:
+            everything = _one_batch(batches)
+            model(**everything, **_positions(everything), use_cache=False, logits_to_keep=1)
+        finally:
+            for handle in handles:
+                handle.remove()
     else:
         # Bisect in logit space: the budget's fraction falls monotonically as the threshold rises.
         lo, hi = -THRESHOLD_LOGIT_LIMIT, THRESHOLD_LOGIT_LIMIT

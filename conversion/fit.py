@@ -102,14 +102,39 @@ def decided_tokens(model: MoDForCausalLM, batches: Sequence[dict]) -> torch.Tens
 
 
 @torch.no_grad()
-def mean_loss(model: MoDForCausalLM, batches: Sequence[dict]) -> float:
-    """Mean next-token loss (nats per token) of `model` on `batches` (the LM loss alone, not the routing objective)."""
+def layer_inputs(model: MoDForCausalLM, batch: dict) -> tuple[torch.Tensor, ...]:
+    """The hidden states of `batch` at the input of every layer of `model` (entry j: layer j's input; one forward
+    pass), from which `running_from(model, j)` goes on."""
+    return model(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[:-1]
+
+
+@contextmanager
+def running_from(model: MoDForCausalLM, layer: int):
+    """`model` without its layers before `layer`: fed the input of `layer` (`layer_inputs`) as `inputs_embeds`, it
+    computes what the whole model computes. A measurement that changes layer j alone leaves every layer before it as
+    it was, so it runs from layer j on (on average half the model)."""
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(list(layers)[layer:])
+    try:
+        yield model
+    finally:
+        model.model.layers = layers
+
+
+@torch.no_grad()
+def mean_loss(model: MoDForCausalLM, batches: Sequence[dict], inputs: Sequence[tuple] | None = None,
+              layer: int = 0) -> float:
+    """Mean next-token loss (nats per token) of `model` on `batches` (the LM loss alone, not the routing objective);
+    with `inputs` (each batch's `layer_inputs`), run from `layer` on."""
     total, count = 0.0, 0
-    for batch in batches:
-        out = model(**batch, labels=batch["input_ids"], use_cache=False, output_router_logits=True)
-        n = batch["input_ids"][:, 1:].numel()
-        total += float(out.lm_loss) * n
-        count += n
+    with running_from(model, layer):
+        for i, batch in enumerate(batches):
+            feed = {"input_ids": batch["input_ids"]} if inputs is None else {"inputs_embeds": inputs[i][layer]}
+            out = model(**feed, attention_mask=batch.get("attention_mask"), labels=batch["input_ids"],
+                        use_cache=False, output_router_logits=True)
+            n = batch["input_ids"][:, 1:].numel()
+            total += float(out.lm_loss) * n
+            count += n
     return total / max(count, 1)
 
 
@@ -131,9 +156,12 @@ class LookupCheck:
         filler = torch.cat([b["input_ids"][_valid(b)] for b in batches])
         return cls(repeated_passage_batch(filler, distance, passage, options.lookup_trials), passage)
 
-    def accuracy(self, model: MoDForCausalLM) -> float:
-        """Top-1 accuracy of `model` on the second copies (one batched forward pass)."""
-        return repeated_passage_scores(model, self.ids, self.passage_tokens, batch_size=len(self.ids))["accuracy"]
+    def accuracy(self, model: MoDForCausalLM, inputs: tuple | None = None, layer: int = 0) -> float:
+        """Top-1 accuracy of `model` on the second copies (one batched forward pass); with `inputs` (the passages'
+        `layer_inputs`), run from `layer` on."""
+        with running_from(model, layer):
+            return repeated_passage_scores(model, self.ids, self.passage_tokens, batch_size=len(self.ids),
+                                           inputs_embeds=None if inputs is None else inputs[layer])["accuracy"]
 
 
 @contextmanager
@@ -155,10 +183,11 @@ def layer_removal_costs(
     """For every layer of the measuring model, the rise of the mean loss (nats/token) when every token but the sinks
     skips its `granularity` alone."""
     base = mean_loss(model, batches)
+    inputs = [layer_inputs(model, batch) for batch in batches]
     costs = []
     for j in tqdm(range(len(model.model.layers)), desc=f"measuring layer costs ({granularity})", disable=not progress):
         with skipping(model, j, granularity):
-            costs.append(mean_loss(model, batches) - base)
+            costs.append(mean_loss(model, batches, inputs, j) - base)
     return costs
 
 
@@ -167,10 +196,11 @@ def layer_lookup_accuracy(
 ) -> dict[int, float]:
     """For each of `layers` of the measuring model, the look-up accuracy when every token but the sinks skips its
     `granularity` alone."""
+    inputs = layer_inputs(model, {"input_ids": lookup.ids})
     accuracy = {}
     for j in tqdm(layers, desc=f"measuring look-up ({granularity})", disable=not progress):
         with skipping(model, j, granularity):
-            accuracy[j] = lookup.accuracy(model)
+            accuracy[j] = lookup.accuracy(model, inputs, j)
     return accuracy
 
 

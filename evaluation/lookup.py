@@ -60,15 +60,18 @@ def repeated_passage_batch(filler: torch.Tensor, distance: int, passage_tokens: 
 
 @torch.no_grad()
 def repeated_passage_scores(model: torch.nn.Module, batch: torch.Tensor, passage_tokens: int,
-                            batch_size: int = 1) -> dict:
+                            batch_size: int = 1, inputs_embeds: torch.Tensor | None = None) -> dict:
     """Top-1 accuracy and mean loss of `model` on the second copy of each row of `batch` (from
-    `repeated_passage_batch`), its first token left out (nothing in the context predicts it)."""
+    `repeated_passage_batch`), its first token left out (nothing in the context predicts it). `inputs_embeds`: what
+    the model takes for each row instead of its ids (`[rows, length, hidden]`; the ids still give the targets)."""
     device = next(model.parameters()).device
     correct, loss, count = 0, 0.0, 0
-    for rows in batch.split(batch_size):
-        rows = rows.to(device)
+    for start in range(0, len(batch), batch_size):
+        rows = batch[start:start + batch_size].to(device)
+        feed = {"input_ids": rows} if inputs_embeds is None else {
+            "inputs_embeds": inputs_embeds[start:start + batch_size].to(device)}
         # logits at the last `passage_tokens` positions: the first predicts the copy's second token, the last nothing
-        logits = model(input_ids=rows, logits_to_keep=passage_tokens, use_cache=False).logits[:, :-1].float()
+        logits = model(**feed, logits_to_keep=passage_tokens, use_cache=False).logits[:, :-1].float()
         targets = rows[:, -(passage_tokens - 1):]
         correct += int((logits.argmax(-1) == targets).sum())
         loss += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
