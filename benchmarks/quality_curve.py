@@ -52,9 +52,18 @@ from modification.conversion.checkpoint import load_mod_model, save_checkpoint
 from modification.conversion.convert import convert_model
 from modification.conversion.data import load_blocks
 from modification.conversion.fit import (
+    LayerMeasurements,
+    calibration_batches,
+    candidate_layers,
+    fit_routers,
+    fit_settings_record,
+    fitted_router_weights,
+    fold_thresholds_into_biases,
+    measure_layers,
+    model_for_plan,
+    routable_layers,
     shortgpt_order,
-    LayerMeasurements, calibration_batches, candidate_layers, fit_routers, fit_settings_record, fitted_router_weights,
-    fold_thresholds_into_biases, measure_layers, model_for_plan, routable_layers, with_plan,
+    with_plan,
 )
 from modification.conversion.settings import FitOptions, TrainSettings
 from modification.conversion.texts import prepare_texts

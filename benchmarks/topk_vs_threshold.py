@@ -38,11 +38,15 @@ from modification.conversion.calibrate import calibrate_checkpoint
 from modification.conversion.checkpoint import save_checkpoint
 from modification.conversion.convert import convert_checkpoint
 from modification.conversion.corpus import (
-    CORPUS_DESCRIPTION, DemoBaseSettings, corpus_files, corpus_splits, pretrain_base,
+    CORPUS_DESCRIPTION,
+    DemoBaseSettings,
+    corpus_files,
+    corpus_splits,
+    pretrain_base,
 )
-from modification.evaluation.quality import evaluate_perplexity, tokenize_texts
 from modification.conversion.settings import CalibrateSettings, ConvertSettings, TrainSettings
 from modification.conversion.train import train
+from modification.evaluation.quality import evaluate_perplexity, tokenize_texts
 from modification.modeling import MoDForCausalLM
 
 

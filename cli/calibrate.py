@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from modification.conversion.settings import CalibrateSettings
 
-
 HELP = "set thresholds so that the routing hits a budget (KV fraction, or FLOP fraction at a context length)"
 SETTINGS = CalibrateSettings
 

@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 HELP = ("a real LLM (SmolLM2-135M-Instruct) through the whole path: fetch, convert, fit routers, eval, bench, chat, "
         "card; offline after the downloads")
 DEMO_MEMBER = "smollm2-135m-instruct"  # the release member the demo runs

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from modification.conversion.settings import FitSettings
 
-
 HELP = "set routers from a few passes on calibration text (no training), to a budget"
 SETTINGS = FitSettings
 

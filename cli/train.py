@@ -7,7 +7,6 @@ import os
 
 from modification.conversion.settings import TrainSettings
 
-
 HELP = "train routers (and LoRA or all weights) of a MoD checkpoint"
 SETTINGS = TrainSettings
 

@@ -204,7 +204,8 @@ def calibrate_checkpoint(settings: CalibrateSettings) -> dict:
         raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
     seq_len = settings.seq_len
     if seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
+        raise ValueError(f"seq_len={seq_len} exceeds the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     blocks = load_blocks(settings.data, tokenizer, seq_len, text_field=settings.text_field, split=settings.split,
                          dataset_config=settings.data_config, max_tokens_per_source=settings.max_blocks * seq_len,

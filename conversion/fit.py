@@ -59,7 +59,6 @@ from .budget import Budget, plan_fractions
 from .local_paths import data_names
 from .settings import FitOptions, FitSettings, data_fields
 
-
 GRANULARITIES = ("attention", "block")
 # The look-up guard protects look-up only where the dense model has it: a model that copies less than this share of a
 # repeated passage (a tiny or random one) has none to lose, and its accuracies are noise.

@@ -11,7 +11,6 @@ from typing import Any, ClassVar, Literal
 from .budget import Budget
 from .steps import SettingsError, StepSettings, coerce, setting
 
-
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 

@@ -25,13 +25,16 @@ from modification.modeling import MoDForCausalLM
 from .atomic import atomic_output_dir
 from .budget import checkpoint_plan
 from .checkpoint import (
-    fastest_attn_implementation, load_mod_model, read_mod_config, resolve_checkpoint, save_checkpoint,
+    fastest_attn_implementation,
+    load_mod_model,
+    read_mod_config,
+    resolve_checkpoint,
+    save_checkpoint,
 )
 from .data import PackedBlocks, load_blocks, mix_blocks, split_blocks
-from .results import RESULTS_FILENAME, update_results
 from .local_paths import data_names
+from .results import RESULTS_FILENAME, update_results
 from .settings import DEFAULT_LEARNING_RATE, TrainSettings
-
 
 logger = logging.getLogger(__name__)
 

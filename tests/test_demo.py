@@ -16,7 +16,6 @@ from modification.cli.options import settings_from_args
 from modification.conversion.texts import stage_texts
 from modification.push_scripts.manifest import DEFAULT_MANIFEST, load_manifest, plan_member
 
-
 KINDS = ("shakespeare", "kjv", "gcide")
 # The demo at the size of a tiny model (what `run_tiny_demo` runs).
 TINY_CHANGES = {
@@ -29,8 +28,9 @@ TINY_CHANGES = {
 def run_tiny_demo(monkeypatch, tmp_path, skipped: dict[str, str]) -> demo.DemoReport:
     """The demo on the tiny text model of `helpers.text_mod_checkpoint`, its two texts standing in for Shakespeare
     and the Bible, in `tmp_path/demo-out`."""
-    import modification.conversion.texts as texts
     from helpers import text_mod_checkpoint
+
+    import modification.conversion.texts as texts
 
     _, train_txt, held_txt = text_mod_checkpoint(tmp_path / "model")
     monkeypatch.chdir(tmp_path)
@@ -150,8 +150,8 @@ def test_eval_and_bench_take_the_registry_name_of_a_fetched_base(tmp_path, monke
 
     from helpers import save_base
 
-    from modification.conversion.bases import KNOWN_BASES, BaseNotFetchedError
     from modification.cli.main import main as cli
+    from modification.conversion.bases import KNOWN_BASES, BaseNotFetchedError
     from modification.conversion.convert import convert_checkpoint
     from modification.conversion.settings import ConvertSettings
     from modification.evaluation.loading import load_models, local_base_model

@@ -8,15 +8,21 @@ import os
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from helpers import VOCAB, text_mod_checkpoint, tiny_base
+from huggingface_hub.errors import StrictDataclassError
 
 from modification.conversion.budget import Budget, checkpoint_plan, measured_plan
 from modification.conversion.calibrate import _collect, calibrate_checkpoint, calibrate_thresholds
 from modification.conversion.convert import convert_model
 from modification.conversion.fit import (
-    LayerMeasurements, calibration_batches, fit_checkpoint, fit_routers, fold_thresholds_into_biases, mean_loss,
-    measure_layers, with_plan,
+    LayerMeasurements,
+    calibration_batches,
+    fit_checkpoint,
+    fit_routers,
+    fold_thresholds_into_biases,
+    mean_loss,
+    measure_layers,
+    with_plan,
 )
 from modification.conversion.settings import CalibrateSettings, FitOptions, FitSettings, TrainSettings
 from modification.conversion.steps import SettingsError

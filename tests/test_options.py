@@ -27,7 +27,6 @@ from modification.model_cards.card import _routing_rows, _training_rows, fmt, re
 from modification.modeling.configuration_mod import ROUTING_FIELDS, MoDConfig
 from modification.push_scripts.manifest import STEP_SETTINGS, load_manifest, plan_release
 
-
 # A value other than the default for every routing field (a new field without one here fails the first test). The
 # routed layers fit the 4-layer test models.
 ROUTING_SAMPLES = {

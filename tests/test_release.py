@@ -20,7 +20,6 @@ from modification.cli.main import main as cli
 from modification.cli.options import settings_from_args
 from modification.push_scripts.release import DEFAULT_MANIFEST, load_manifest, plan_release
 
-
 # The steps of a member without `fit` and `card` sections (the GPU members), and of the CPU member.
 CLASSIC_STEPS = ["convert", "train", "calibrate", "eval", "push"]
 CPU_MEMBER = "smollm2-135m-instruct"
@@ -235,8 +234,9 @@ def test_cpu_release_chain_with_fit_card_and_dry_run_push(tmp_path, monkeypatch,
     symbolically and linked in by the release (here to small stand-ins), and no token is needed."""
     import json
 
-    import modification.conversion.texts as texts
     from helpers import text_mod_checkpoint
+
+    import modification.conversion.texts as texts
 
     _, train_txt, held_txt = text_mod_checkpoint(tmp_path / "model")
     base = tmp_path / "model" / "base"

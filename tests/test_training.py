@@ -12,8 +12,8 @@ from helpers import text_mod_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from modification.conversion.calibrate import calibrate_checkpoint
 from modification.cli.main import main as cli
+from modification.conversion.calibrate import calibrate_checkpoint
 from modification.conversion.data import DataError
 from modification.conversion.settings import CalibrateSettings, TrainSettings
 from modification.conversion.train import train
@@ -123,7 +123,8 @@ def test_resume_continues_from_saved_step(text_ckpt, tmp_path):
     settings = _settings(mod, tmp_path / "full", train_file, recipe="routers", steps=4, save_steps=2,
                          router_learning_rate=0.05, load_loss_coef=1.0, checkpoint_dir=str(ckpts))
     full = train(settings)
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    saved = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
+    assert saved == ["checkpoint-2", "checkpoint-4"]
     with pytest.raises(FileExistsError, match="--resume"):
         train(replace(settings, out=str(tmp_path / "again")))
     import shutil
@@ -146,10 +147,11 @@ def test_two_process_accelerate_run(text_ckpt, tmp_path):
     cmd = [
         # --multi_gpu selects accelerate's torchrun launcher; on a machine without GPUs the Trainer (use_cpu) then
         # runs data-parallel over CPU processes with gloo. (`--cpu` alone would start a single process.)
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modification.cli",
-        "train", "--model", str(mod), "--out", str(tmp_path / "ddp"), "--data", str(train_file), "--recipe", "routers",
-        "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--router-learning-rate", "0.05", "--load-loss-coef", "1.0",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modification.cli",
+        "train", "--model", str(mod), "--out", str(tmp_path / "ddp"), "--data", str(train_file),
+        "--recipe", "routers", "--steps", "3", "--seq-len", "64", "--batch-size", "2",
+        "--router-learning-rate", "0.05", "--load-loss-coef", "1.0",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
