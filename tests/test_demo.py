@@ -65,7 +65,7 @@ def test_demo_is_the_release_member_with_smaller_settings(tmp_path, monkeypatch)
     held = [f"modification-demo-work/texts/{k}-held_out.txt" for k in KINDS]
     convert, fit, evaluation, bench, card = (steps[n] for n in ("convert", "fit", "eval", "bench", "card"))
     assert convert.base == "smollm2-135m-instruct" and convert.out == "modification-demo-work/converted"
-    assert fit.model == convert.out and fit.out == "modification-demo" and fit.kv_fraction == 0.8
+    assert fit.model == convert.out and fit.out == "modification-demo" and fit.kv_fraction == 0.9
     assert fit.data == train and fit.routed_layers == "auto" and (fit.seq_len, fit.blocks_per_source) == (512, 2)
     assert evaluation.model == "modification-demo" and evaluation.base == "smollm2-135m-instruct"
     assert evaluation.data == held and evaluation.context_lengths == [512] and evaluation.max_tokens == 4096
