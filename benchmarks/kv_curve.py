@@ -49,10 +49,10 @@ from modification.conversion.fit import (
     measure_layers,
     shortgpt_order,
 )
+from modification.conversion.lookup import lookup_rows
 from modification.conversion.settings import FitOptions
 from modification.conversion.texts import prepare_texts
 from modification.evaluation.benchmark import describe_device
-from modification.evaluation.lookup import lookup_rows
 from modification.evaluation.quality import score_window, sliding_windows
 from modification.modeling import THRESHOLD_LOGIT_LIMIT, MoDForCausalLM, RoutingPlan
 

@@ -52,11 +52,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from modification.evaluation.lookup import repeated_passage_batch, repeated_passage_scores
 from modification.modeling import THRESHOLD_LOGIT_LIMIT, MoDConfig, MoDForCausalLM, RoutingPlan
 
 from .budget import Budget, plan_fractions
 from .local_paths import data_names
+from .lookup import repeated_passage_batch, repeated_passage_scores
 from .settings import FitOptions, FitSettings, data_fields
 
 GRANULARITIES = ("attention", "block")

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modification.conversion.data import load_texts, tokenize_stream
+from modification.conversion.lookup import lookup_rows, passkey_rows
 from modification.conversion.results import RESULTS_FILENAME, update_results
 from modification.modeling.configuration_mod import RoutingPlan
 
 from .loading import default_output_dir, load_models, load_tokenizer, pick_device, pick_dtype
-from .lookup import lookup_rows, passkey_rows
 from .settings import EvalSettings
 
 logger = logging.getLogger(__name__)

@@ -319,7 +319,7 @@ def _lookup_text(path: Path, words: int = 300) -> Path:
 def test_lookup_rows_land_in_results_and_the_card_and_are_printed(tmp_path, capsys, caplog):
     """The look-up check runs on the first data source, for MoD and base on the same sequences; distances the text
     cannot hold are left out with a warning, and the rows reach results.json, the printout and the model card."""
-    from modification.evaluation.lookup import lookup_rows, passkey_rows
+    from modification.conversion.lookup import lookup_rows, passkey_rows
     from modification.model_cards.card import render_card
 
     base_dir = save_base("llama", tmp_path / "base")

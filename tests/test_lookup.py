@@ -8,7 +8,7 @@ import torch
 from helpers import reference_text_files
 
 from modification.conversion.bases import DEFAULT_BASE, bases_dir
-from modification.evaluation.lookup import (
+from modification.conversion.lookup import (
     lookup_rows,
     passkey_prompts,
     passkey_rows,
