@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from modification.conversion.budget import Budget
 from modification.conversion.calibrate import calibrate_thresholds
 from modification.modeling import MoDForCausalLM
 
@@ -254,7 +255,7 @@ def run_benchmark(
     def prompt(batch: int, length: int) -> torch.Tensor:
         ids = _prompt(prompt_ids, mod_model.config.vocab_size, batch, length, gen).to(device)
         if kv_fraction is not None:  # the calibration target is the mean routed fraction over layers: the KV fraction
-            calibrate_thresholds(mod_model, [{"input_ids": ids}], kv_fraction, progress=False)
+            calibrate_thresholds(mod_model, [{"input_ids": ids}], Budget(kv_fraction=kv_fraction), progress=False)
         return ids
 
     result = {
