@@ -40,6 +40,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from modification.conversion.atomic import atomic_write_text
 from modification.conversion.bases import fetch_base
+from modification.conversion.budget import measured_plan
 from modification.conversion.convert import convert_model
 from modification.conversion.data import load_blocks
 from modification.conversion.fit import (
@@ -54,7 +55,7 @@ from modification.conversion.settings import FitOptions
 from modification.conversion.texts import prepare_texts
 from modification.evaluation.benchmark import describe_device
 from modification.evaluation.quality import score_window, sliding_windows
-from modification.modeling import THRESHOLD_LOGIT_LIMIT, MoDForCausalLM, RoutingPlan
+from modification.modeling import THRESHOLD_LOGIT_LIMIT, MoDForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["attention-fitted", "block-fitted", "auto-fitted", "attention-removal", "block-removal",
@@ -121,8 +122,7 @@ def evaluate(model, curve: Curve) -> dict:
                        curve.args.trials)
     out["lookup"] = {str(r["distance"]): {k: round(v, 4) for k, v in r["model"].items()} for r in rows}
     if is_mod:
-        shares = [r / tokens for r in ran]
-        plan = RoutingPlan.from_config(model.config, [shares[j] for j in model.config.routed_layers])
+        plan = measured_plan(model.config, [r / tokens for r in ran])
         out["kv_fraction"] = round(plan.kv_fraction(), 4)
         out[f"flop_fraction_{context}"] = round(plan.flop_fraction(model.config, context), 4)
     else:

@@ -74,6 +74,8 @@ def measured_plan(config: MoDConfig, routed_fraction) -> RoutingPlan:
     the model, as `MoDModel` returns it)."""
     from modification.modeling import RoutingPlan
 
+    if len(routed_fraction) != config.num_hidden_layers:
+        raise ValueError(f"{len(routed_fraction)} routed fractions for {config.num_hidden_layers} layers")
     return RoutingPlan.from_config(config, [min(1.0, float(routed_fraction[j])) for j in config.routed_layers])
 
 

@@ -13,7 +13,7 @@ What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/result
    granularity). Layers whose removal is ruinous (the first ones and the last ones on SmolLM2) are never routed.
 3. **Look-up** (`min_lookup_share`): perplexity hides a model that can no longer copy from its context (SmolLM2's
    layer 16 costs the least perplexity of all 30 layers, and skipping it drops copying a repeated passage from 0.8
-   to 0.02). So each candidate layer's skip is also scored on `evaluation.lookup`'s repeated passage (random tokens
+   to 0.02). So each candidate layer's skip is also scored on `conversion.lookup`'s repeated passage (random tokens
    of the calibration text, repeated one calibration block later; one batched forward pass per layer), and a layer
    that keeps less than `min_lookup_share` of the dense model's accuracy is never routed.
 4. **What a router predicts**: the expected change of the model's predictions when a token skips what its layer
@@ -139,7 +139,7 @@ def mean_loss(model: MoDForCausalLM, batches: Sequence[dict], inputs: Sequence[t
 
 @dataclass
 class LookupCheck:
-    """The look-up check of a fit: `evaluation.lookup`'s repeated passages (`ids`, `[trials, distance + passage]`),
+    """The look-up check of a fit: `conversion.lookup`'s repeated passages (`ids`, `[trials, distance + passage]`),
     each passage of `passage_tokens` repeated `distance` tokens after its first copy."""
 
     ids: torch.Tensor

@@ -2,7 +2,7 @@
 
 Absolute times on a shared machine are noisy; the ratios MoD/base from interleaved repetitions are what to report.
 Next to each measured ratio stand the budgets it is to be read against, as `RoutingPlan` counts them with the share of
-tokens each routed layer was measured to run on the timed prompt (`quality.measured_plan`):
+tokens each routed layer was measured to run on the timed prompt (`conversion.budget.measured_plan`):
 
 - `flop_fraction`: executed over dense FLOPs (`MoDConfig.prefill_flops`: projections and MLP scale with a layer's
   routed share r, its causal attention with r^2, the MLP not at all where only attention is routed, the LM head
@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from modification.conversion.budget import Budget
+from modification.conversion.budget import Budget, measured_plan
 from modification.conversion.calibrate import calibrate_thresholds
 from modification.modeling import MoDForCausalLM
 
-from .quality import measured_plan
 from .settings import BenchSettings
 
 

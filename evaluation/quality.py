@@ -6,7 +6,7 @@
   `context - stride` tokens of context, the first window included (it scores only its last `stride` tokens, and the
   text's first `context - stride` tokens are read, never scored): perplexity at 8192 is then that of tokens that read
   4096 or more tokens before them, not a mix dominated by short contexts. Off, the first window scores all its tokens.
-- The look-up check (`evaluation/lookup.py`): a random passage repeated after filler text from the first data source,
+- The look-up check (`conversion/lookup.py`): a random passage repeated after filler text from the first data source,
   top-1 accuracy and loss of MoD and base on the second copy, per distance. Perplexity on natural text hides a model
   that can no longer look anything up in its context; this fails it. And, when `passkey_lengths` are given, passkey
   retrieval at those prompt lengths (needs no data).
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from modification.conversion.budget import measured_plan
 from modification.conversion.data import load_texts, tokenize_stream
 from modification.conversion.lookup import lookup_rows, passkey_rows
 from modification.conversion.results import RESULTS_FILENAME, update_results
-from modification.modeling.configuration_mod import RoutingPlan
 
 from .loading import default_output_dir, load_models, load_tokenizer, pick_device, pick_dtype
 from .settings import EvalSettings
@@ -113,14 +113,6 @@ def dense_kv_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     """Bytes a dense cache (keys and values in every layer) of `tokens` tokens takes for this architecture."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * tokens * config.num_key_value_heads * config.head_dim * element
-
-
-def measured_plan(config, per_layer_routed_fraction: list[float]) -> RoutingPlan:
-    """The `RoutingPlan` a MoD model ran: its routed layers and granularities with the share of tokens each routed
-    layer was measured to run (`per_layer_routed_fraction`, one value per layer)."""
-    if len(per_layer_routed_fraction) != config.num_hidden_layers:
-        raise ValueError(f"{len(per_layer_routed_fraction)} routed fractions for {config.num_hidden_layers} layers")
-    return RoutingPlan.from_config(config, [float(per_layer_routed_fraction[j]) for j in config.routed_layers])
 
 
 def flop_fractions(config, per_layer_routed_fraction: list[float], context_lengths) -> dict[str, float]:

@@ -37,7 +37,7 @@ class MeasureSettings(DataSettings):
 
 @dataclass
 class EvalSettings(MeasureSettings):
-    """What `modification eval` measures (see `evaluation/quality.py`, `evaluation/lookup.py` and
+    """What `modification eval` measures (see `evaluation/quality.py`, `conversion/lookup.py` and
     `evaluation/tasks.py`)."""
 
     step: ClassVar[str] = "eval"
@@ -54,14 +54,14 @@ class EvalSettings(MeasureSettings):
               "first window scores all its tokens, from the text's second token on")
     max_tokens: int | None = setting(None, "use at most this many tokens of each dataset")
     lookup_distances: list[int] = setting(
-        [512, 2048], "look-up check (evaluation/lookup.py): tokens from a random passage to its repeat, the filler "
+        [512, 2048], "look-up check (conversion/lookup.py): tokens from a random passage to its repeat, the filler "
                      "text between them from the first data source; a distance the filler or the model's positions "
                      "cannot hold is left out with a warning (an empty string: no look-up)")
     lookup_passage_tokens: int = setting(128, "look-up check: tokens in the repeated passage")
     lookup_trials: int = setting(4, "look-up and passkey checks: passages per distance (each with its own tokens "
                                     "and filler), pass keys per prompt length (each at its own depth)")
     passkey_lengths: list[int] = setting(
-        [], "passkey check (evaluation/lookup.py): prompt lengths in tokens of a pass key hidden in filler sentences "
+        [], "passkey check (conversion/lookup.py): prompt lengths in tokens of a pass key hidden in filler sentences "
             "and asked for at the end (SmolLM2-135M-Instruct answers it at 512 to 7.5k tokens); a length past the "
             "model's positions is left out with a warning (default: none, e.g. 2048,8192)")
     tasks: list[str] | None = setting(None, "lm-eval tasks (names, globs or YAML files)")

@@ -326,3 +326,22 @@ def test_fitted_routers_reach_the_budget_on_held_out_text_of_the_real_base():
     assert broken and not set(broken) & set(record.routed_layers), (broken, record.routed_layers)
     assert {str(j) for j in broken} <= set(record.refused_layers)
     assert record.plans[record.chosen_plan]["lookup_accuracy"] >= 0.8 * dense
+
+
+@pytest.mark.parametrize("granularity", ["block", "attention"])
+def test_measuring_from_a_layer_equals_running_the_whole_model(granularity):
+    """The fit measures a layer's skip by running the model from that layer on, fed the hidden states cached at its
+    input (`running_from`): the shortcut must compute what the whole model computes, loss and look-up alike."""
+    from modification.conversion.fit import LookupCheck, layer_inputs, measuring_model, skipping
+
+    model = measuring_model(convert_model(tiny_base("llama", num_layers=6), router_kind="threshold"), sink_tokens=4)
+    batches = _batches(2, seq=96, seed=3)
+    inputs = [layer_inputs(model, batch) for batch in batches]
+    lookup = LookupCheck.from_batches(batches, FitOptions(kv_fraction=0.8, lookup_trials=3), 4096)
+    lookup_inputs = layer_inputs(model, {"input_ids": lookup.ids})
+    for j in (1, 3, 5):
+        with skipping(model, j, granularity):
+            whole, shortcut = mean_loss(model, batches), mean_loss(model, batches, inputs, j)
+            assert shortcut == pytest.approx(whole, rel=1e-6, abs=1e-7)
+            assert lookup.accuracy(model, lookup_inputs, j) == lookup.accuracy(model)
+        assert len(model.model.layers) == 6  # the layers are given back

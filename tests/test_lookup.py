@@ -1,4 +1,4 @@
-"""The look-up check (`evaluation/lookup.py`): it scores exactly the second copy of a repeated passage, a perfect
+"""The look-up check (`conversion/lookup.py`): it scores exactly the second copy of a repeated passage, a perfect
 copier scores 1, and on the real base it tells a working model from one that cannot look back."""
 
 from types import SimpleNamespace
