@@ -647,8 +647,9 @@ def fit_routers(
         raise ValueError(
             f"every plan at {budget} breaks look-up (accuracy on a repeated passage below min_lookup_share="
             f"{options.min_lookup_share} of the dense model's {base_lookup:.2f}: "
-            + ", ".join(f"{n} {p['lookup_accuracy']:.2f}" for n, p in record.plans.items() if "lookup_accuracy" in p)
-            + "); raise the budget, or lower min_lookup_share")
+            + ", ".join(f"{n} {p['lookup_accuracy']:.2f} (loss +{p['loss_increase']:.3f} nats/token)"
+                        for n, p in record.plans.items() if "lookup_accuracy" in p)
+            + "); raise the budget, route another granularity, or lower min_lookup_share")
     _, chosen, new, plan = best
     record.routed_layers = list(plan.routed_layers)
     record.plan, record.plan_fractions = plan.to_dict(), plan_fractions(plan, config)
