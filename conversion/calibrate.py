@@ -24,17 +24,18 @@ from .local_paths import data_names
 from .settings import CalibrateSettings
 
 
-def _valid(batch: dict) -> torch.Tensor:
+def valid_tokens(batch: dict) -> torch.Tensor:
+    """`[batch, seq]` bool: the tokens of `batch` that are not padding."""
     mask = batch.get("attention_mask")
     return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
 
 
-def _sinks(model: MoDForCausalLM, batch: dict) -> torch.Tensor:
+def sink_tokens(model: MoDForCausalLM, batch: dict) -> torch.Tensor:
     """`[batch, seq]` bool: the attention sinks of `batch`, as the routers mark them (`MoDRouter.sink_mask`)."""
     routers = [layer.router for layer in model.model.layers if layer.has_router]
     if not routers:
         return torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-    return routers[0].sink_mask(None, _valid(batch))
+    return routers[0].sink_mask(None, valid_tokens(batch))
 
 
 def _positions(batch: dict) -> dict:
@@ -53,11 +54,11 @@ def _collect(model: MoDForCausalLM, batches: Sequence[dict]) -> tuple[list[torch
     total = 0
     for batch in batches:
         out = model(**batch, **_positions(batch), use_cache=False, output_router_decisions=True, logits_to_keep=1)
-        valid = _valid(batch)
+        valid = valid_tokens(batch)
         n = int(valid.sum())
         routed += out.routed_fraction.double().cpu() * n
         total += n
-        decided = valid & ~_sinks(model, batch)
+        decided = valid & ~sink_tokens(model, batch)
         for i, layer_logits in zip(model.config.routed_layers, out.router_logits):  # one per routed layer
             logits[i].append(layer_logits[decided.to(layer_logits.device)].float().cpu())
     return [torch.cat(x) if x else torch.empty(0) for x in logits], routed / max(total, 1)
@@ -65,7 +66,7 @@ def _collect(model: MoDForCausalLM, batches: Sequence[dict]) -> tuple[list[torch
 
 def _one_batch(batches: Sequence[dict]) -> dict:
     """Every sequence of `batches` in one batch: their real tokens, right-padded (with a mask) to the longest."""
-    rows = [ids[valid] for batch in batches for ids, valid in zip(batch["input_ids"], _valid(batch))]
+    rows = [ids[valid] for batch in batches for ids, valid in zip(batch["input_ids"], valid_tokens(batch))]
     width = max(len(row) for row in rows)
     if all(len(row) == width for row in rows):
         return {"input_ids": torch.stack(rows)}
@@ -88,8 +89,8 @@ def _decided_share(model: MoDForCausalLM, batches: Sequence[dict], fraction: flo
     """The share of router-decided tokens to route so that `fraction` of all valid tokens run (sinks always run)."""
     total = sinks = 0
     for batch in batches:
-        total += int(_valid(batch).sum())
-        sinks += int(_sinks(model, batch).sum())
+        total += int(valid_tokens(batch).sum())
+        sinks += int(sink_tokens(model, batch).sum())
     decided = max(total - sinks, 1)
     return min(max((fraction * total - sinks) / decided, 0.0), 1.0)
 

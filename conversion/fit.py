@@ -1,7 +1,6 @@
 """Cheap routers: set a MoD model's routers from a few forward and backward passes on calibration text, no training.
 
-What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/results.md, docs/method in
-`shared/method.md`) decided each step:
+What was measured on a real pretrained model (SmolLM2-135M-Instruct; docs/results.md and issue 18) decided each step:
 
 1. **What a skipped token leaves out** (`routing_granularity`): its attention sub-layer only (it writes no K/V and
    still runs the MLP) or the whole block. Removing attention costs far less quality than removing whole blocks for
@@ -55,6 +54,7 @@ from tqdm.auto import tqdm
 from modification.modeling import THRESHOLD_LOGIT_LIMIT, MoDConfig, MoDForCausalLM, RoutingPlan
 
 from .budget import Budget, plan_fractions
+from .calibrate import calibrate_thresholds, sink_tokens, valid_tokens
 from .local_paths import data_names
 from .lookup import repeated_passage_batch, repeated_passage_scores
 from .settings import FitOptions, FitSettings, data_fields
@@ -89,15 +89,9 @@ class FitRecord:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _valid(batch: dict) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
-
-
 def decided_tokens(model: MoDForCausalLM, batches: Sequence[dict]) -> torch.Tensor:
     """`[tokens]` bool over the flattened `batches`: the valid tokens a router decides (the sinks run by rule)."""
-    router = next(layer.router for layer in model.model.layers if layer.has_router)
-    return torch.cat([(_valid(b) & ~router.sink_mask(None, _valid(b))).reshape(-1) for b in batches])
+    return torch.cat([(valid_tokens(b) & ~sink_tokens(model, b)).reshape(-1) for b in batches])
 
 
 @torch.no_grad()
@@ -152,7 +146,7 @@ class LookupCheck:
         distance = batches[0]["input_ids"].shape[1]
         passage = max(2, min(options.lookup_passage_tokens, distance // 2))
         distance = max(passage, min(distance, max_positions - passage))
-        filler = torch.cat([b["input_ids"][_valid(b)] for b in batches])
+        filler = torch.cat([b["input_ids"][valid_tokens(b)] for b in batches])
         return cls(repeated_passage_batch(filler, distance, passage, options.lookup_trials), passage)
 
     def accuracy(self, model: MoDForCausalLM, inputs: tuple | None = None, layer: int = 0) -> float:
@@ -540,8 +534,6 @@ def model_for_plan(
     """A model routing as `plan` with the router `weights` (layer -> weight), its thresholds calibrated layer by layer
     to the plan on `batches`; a layer the plan skips whole (but its sinks) gets the router that always skips (weight 0,
     bias `-THRESHOLD_LOGIT_LIMIT` at p = 0.5: the saved form of `override="skip"`)."""
-    from .calibrate import calibrate_thresholds
-
     new = with_plan(model, plan, routing_sink_tokens=options.routing_sink_tokens)
     whole = [j for j, share in zip(plan.routed_layers, plan.routed_share) if share <= 0.0]
     with torch.no_grad():
@@ -646,8 +638,9 @@ def fit_routers(
         raise ValueError(
             f"every plan at {budget} breaks look-up (accuracy on a repeated passage below min_lookup_share="
             f"{options.min_lookup_share} of the dense model's {base_lookup:.2f}: "
-            + ", ".join(f"{n} {p['lookup_accuracy']:.2f}" for n, p in record.plans.items() if "lookup_accuracy" in p)
-            + "); raise the budget, or lower min_lookup_share")
+            + ", ".join(f"{n} {p['lookup_accuracy']:.2f} (loss +{p['loss_increase']:.3f} nats/token)"
+                        for n, p in record.plans.items() if "lookup_accuracy" in p)
+            + "); raise the budget, route another granularity, or lower min_lookup_share")
     _, chosen, new, plan = best
     record.routed_layers = list(plan.routed_layers)
     record.plan, record.plan_fractions = plan.to_dict(), plan_fractions(plan, config)

@@ -60,7 +60,7 @@ def test_each_step_gets_its_settings(tmp_path):
         "--routed-layers 1,3 --router-threshold 0.5,0.6",
         f"modification train --model {w}/converted --data tiny.txt --out {w}/trained --recipe routers --steps 3 "
         "--seq-len 64 --learning-rate 0.001",
-        f"modification calibrate --model {w}/trained --data calib.txt --out {w}/calibrated --kv-fraction 0.75 "
+        f"modification calibrate --model {w}/trained --data calib.txt --kv-fraction 0.75 --out {w}/calibrated "
         "--seq-len 64",
         f"modification eval --model {w}/calibrated --data held-out.txt --base /models/tiny-base --tasks cloze,copy",
         f"modification push --checkpoint {w}/calibrated --repo-id test-org/demo-mod --private --base-model "
@@ -100,7 +100,7 @@ def test_shipped_manifest_plans_every_member_in_a_dry_run(capsys):
     ({"convert": {"routing": {"thresold": 0.5}}}, "members.demo.convert.routing: unknown key(s) thresold"),
     ({"repo_id": "no-org"}, "members.demo.repo_id: must look like org/name"),
     ({"calibrate": {"kv_fraction": "most"}}, "members.demo.calibrate.kv_fraction: must be a number"),
-    ({"calibrate": {"kv_fraction": 0.7, "flop_fraction": 0.6, "flop_context_length": 4096}},
+    ({"calibrate": {"data": "calib.txt", "kv_fraction": 0.7, "flop_fraction": 0.6, "flop_context_length": 4096}},
      "members.demo.calibrate.flop_fraction: give one budget, kv_fraction or flop_fraction, not both"),
     ({"train": {"steps": 2.5}}, "members.demo.train.steps: must be an integer"),
     ({"convert": {"routing": {"topk_capacity": [0.5]}}},
@@ -195,7 +195,7 @@ def test_cpu_member_fits_on_symbolic_texts_and_dry_runs_the_push():
     w = f"work/{CPU_MEMBER}"
     convert, fit, evaluation, card, push = steps.values()
     assert (convert.base, convert.out, convert.dtype) == ("smollm2-135m-instruct", f"{w}/converted", "float32")
-    assert (fit.model, fit.out, fit.kv_fraction, fit.routed_layers) == (f"{w}/converted", f"{w}/fitted", 0.8, "auto")
+    assert (fit.model, fit.out, fit.kv_fraction, fit.routed_layers) == (f"{w}/converted", f"{w}/fitted", 0.9, "auto")
     assert fit.data == [f"{w}/texts/{kind}-train.txt" for kind in ("shakespeare", "kjv", "gcide")]
     assert (evaluation.model, evaluation.base) == (f"{w}/fitted", "smollm2-135m-instruct")
     assert evaluation.data == [f"{w}/texts/{kind}-held_out.txt" for kind in ("shakespeare", "kjv", "gcide")]
