@@ -303,7 +303,9 @@ def test_fitted_routers_reach_the_budget_on_held_out_text_of_the_real_base():
     base = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = convert_model(base, router_kind="threshold")
     data = [str(paths["train"]) for paths in texts.values()]
-    calib, _ = calibration_batches(data, tokenizer, seq_len=128, blocks_per_source=3, held_out_fraction=0.0,
+    # the demo's calibration shape: look-up is checked one 512-token block back (with 128-token blocks, on Shakespeare
+    # alone, every plan at 0.9 fell below the guard: a 128-token distance is not the look-up the guard is about)
+    calib, _ = calibration_batches(data, tokenizer, seq_len=512, blocks_per_source=2, held_out_fraction=0.0,
                                    progress=False)
     held = [str(paths["held_out"]) for paths in texts.values()]
     held_batches, _ = calibration_batches(held, tokenizer, seq_len=128, blocks_per_source=4, held_out_fraction=0.0,
