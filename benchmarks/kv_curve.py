@@ -18,6 +18,7 @@ Static removals are expressed as MoD models too (routers that send every token p
 every variant goes through the same forward and the same counting.
 
     OMP_NUM_THREADS=2 python benchmarks/kv_curve.py            # writes benchmarks/results/kv_curve.json
+    python benchmarks/kv_curve.py --resume --kv-fractions 0.8,0.7 # adds points to it (the layers are not re-measured)
     python benchmarks/kv_curve.py --quick                       # a small run, for a smoke test
 
 What the numbers say is written by people in docs/results.md.
@@ -45,6 +46,7 @@ from modification.conversion.convert import convert_model
 from modification.conversion.data import load_blocks
 from modification.conversion.fit import (
     LayerMeasurements,
+    LookupBroken,
     calibration_batches,
     fit_routers,
     measure_layers,
@@ -136,11 +138,19 @@ def evaluate(model, curve: Curve) -> dict:
 
 
 def fitted(curve: Curve, f: float, granularity: str):
+    """The fit at `f`; where its look-up guard refuses every plan, the plan it would choose without the guard, marked
+    as such (the curve needs the point, and the user the refusal)."""
     options = replace(curve.fit_options, kv_fraction=f, routing_granularity=granularity)
-    model, record = fit_routers(convert_model(curve.base), curve.calib, options, progress=False,
-                                measured=curve.measured)
+    extra = {}
+    try:
+        model, record = fit_routers(convert_model(curve.base), curve.calib, options, progress=False,
+                                    measured=curve.measured)
+    except LookupBroken as refusal:
+        extra["lookup_guard_refused"] = str(refusal)
+        model, record = fit_routers(convert_model(curve.base), curve.calib, replace(options, min_lookup_share=0.0),
+                                    progress=False, measured=curve.measured)
     return model, {"plan": model.config.routing_plan, "chosen_plan": record.chosen_plan,
-                   "refused_layers": record.refused_layers}
+                   "refused_layers": record.refused_layers, "plans": record.plans, **extra}
 
 
 def removed(curve: Curve, layers: list[int], granularity: str) -> MoDForCausalLM:
@@ -219,12 +229,15 @@ def run(args) -> dict:
     data = [str(t["train"]) for t in texts.values()]
     calib, _ = calibration_batches(data, tokenizer, 512, args.calib_blocks, 0.0, progress=False)
     options = FitOptions(kv_fraction=0.8, routing_granularity="auto")
+    if args.resume:
+        return resume(args, Curve(args, base, held_out, long_text, calib, options, None, []))
     start = time.process_time()
     measured = measure_layers(convert_model(base), calib, options, progress=False)
     shortgpt, _ = shortgpt_order(base, calib)
     curve = Curve(args, base, held_out, long_text, calib, options, measured, shortgpt)
     curve.result = {
-        "command": args.command, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "command")},
+        "command": args.command,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "command", "resume")},
         "hardware": describe_device(torch.device("cpu")),
         "calibration_tokens": sum(b["input_ids"].numel() for b in calib),
         "layer_measurement_cpu_minutes": round((time.process_time() - start) / 60, 2),
@@ -238,11 +251,42 @@ def run(args) -> dict:
     curve.result["base"] = {**evaluate(base, curve), "cpu_minutes": round((time.process_time() - start) / 60, 2)}
     log(f"base: {curve.result['base']}")
     save(curve)
-    for f in args.kv_fractions:
-        for variant in args.variants:
-            measure(curve, variant, f)
+    return measure_all(curve)
+
+
+def measure_all(curve: Curve) -> dict:
+    """Every variant at every KV fraction that `curve.result` does not hold yet."""
+    for f in curve.args.kv_fractions:
+        for variant in curve.args.variants:
+            if str(f) not in curve.result["results"].get(variant, {}):
+                measure(curve, variant, f)
     save(curve)
     return curve.result
+
+
+def resume(args, curve: Curve) -> dict:
+    """Continue the run recorded in `args.out`: its layer measurements, base row and results are kept (the fits rank
+    layers on the recorded costs, rounded to 1e-5 nats), its errors are retried, the missing points measured."""
+    recorded = json.loads(Path(args.out).read_text())
+    kept = ("out", "command", "resume", "kv_fractions", "variants")  # what a resumed run may change
+    settings = {k: v for k, v in vars(args).items() if k not in kept}
+    differ = {k: (recorded["settings"].get(k), v) for k, v in settings.items() if recorded["settings"].get(k) != v}
+    if differ:
+        raise SystemExit(f"--resume: {args.out} was measured with other settings (recorded, asked): {differ}")
+    options = curve.fit_options
+    measured = LayerMeasurements.taken_with(options)
+    measured.removal_costs = {g: list(c) for g, c in recorded["removal_cost"].items()}
+    measured.lookup = {g: {int(j): a for j, a in acc.items()} for g, acc in recorded["lookup_accuracy"].items()}
+    measured.dense_lookup = recorded["dense_lookup"]
+    curve.measured, curve.shortgpt = measured, recorded["shortgpt_order"]
+    curve.result = {**recorded, "errors": [], "commands": [*recorded.get("commands", [recorded["command"]]),
+                                                           args.command]}
+    curve.result["settings"]["kv_fractions"] = sorted({*recorded["settings"]["kv_fractions"], *args.kv_fractions},
+                                                      reverse=True)
+    curve.result["settings"]["variants"] = [v for v in VARIANTS if v in {*recorded["settings"]["variants"],
+                                                                        *args.variants}]
+    log(f"resumed from {args.out}: {sum(len(r) for r in recorded['results'].values())} points recorded")
+    return measure_all(curve)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -261,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--calib-blocks", type=int, default=2, help="calibration blocks of 512 tokens per train text")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out: keep its layer "
+                        "measurements and points, retry its errors, measure what is missing")
     parser.add_argument("--quick", action="store_true", help="a small run: 0.8 only, short contexts, few tokens")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/kv_curve.json"))
     args = parser.parse_args(argv)

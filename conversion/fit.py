@@ -325,6 +325,10 @@ def measuring_model(model: MoDForCausalLM, sink_tokens: int) -> MoDForCausalLM:
     return model
 
 
+class LookupBroken(ValueError):
+    """Every plan `fit_routers` found at the budget fails the look-up guard (`FitOptions.min_lookup_share`)."""
+
+
 @dataclass
 class LayerMeasurements:
     """What `fit_routers` measures on the dense model (`measuring_model`): per granularity the removal cost of every
@@ -635,7 +639,7 @@ def fit_routers(
         if not refused_plan and (best is None or loss < best[0]):
             best = (loss, name, candidate, plan)
     if best is None:
-        raise ValueError(
+        raise LookupBroken(
             f"every plan at {budget} breaks look-up (accuracy on a repeated passage below min_lookup_share="
             f"{options.min_lookup_share} of the dense model's {base_lookup:.2f}: "
             + ", ".join(f"{n} {p['lookup_accuracy']:.2f} (loss +{p['loss_increase']:.3f} nats/token)"
