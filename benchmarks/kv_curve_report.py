@@ -8,21 +8,16 @@ these numbers, and is left as it is) and the plot docs/kv_curve.png.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from modification.conversion.atomic import atomic_replace_section
+from modification.evaluation import report
+from modification.evaluation.plots import pyplot, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "kv_curve"  # the markers around the generated tables in docs/results.md
 # every variant the curve measures, in the order of the tables, with its line style in the plot
 STYLES = {"attention-fitted": ("C0", "o-"), "auto-fitted": ("C2", "D-"), "block-fitted": ("C1", "s-"),
           "attention-removal": ("C3", "x--"), "block-removal": ("C4", "P--"), "block-removal-shortgpt": ("C7", "v:")}
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
 
 
 def long_key(result: dict) -> str:
@@ -55,7 +50,7 @@ def fraction_tables(result: dict) -> list[list[str]]:
         rows = [row(v, result["results"][v][str(f)], base, result) for v in STYLES
                 if str(f) in result["results"].get(v, {})]
         if rows:
-            parts.append([f"### KV fraction {f}", ""] + table(header, [base_row] + rows))
+            parts.append([f"### KV fraction {f}", ""] + report.markdown_table(header, [base_row] + rows))
     return parts
 
 
@@ -71,11 +66,7 @@ def numbers_tables(result: dict) -> str:
 
 
 def plot(result: dict, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     base, context = result["base"], result["settings"]["long_context"]
     long, middle = long_key(result), sorted(base["lookup"], key=int)[len(base["lookup"]) // 2]
     panels = [("kv_fraction", long, f"perplexity at {context} / base", True),
@@ -100,26 +91,16 @@ def plot(result: dict, png_path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{result['settings']['base']}: quality against KV and FLOPs, no training")
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png_path)
 
 
 def write_report(result: dict, md_path: Path, png_path: Path) -> str:
-    """The numbers tables between the markers of `md_path` (the text around them is people's) and the plot."""
-    tables = numbers_tables(result)
-    atomic_replace_section(md_path, SECTION, tables)
-    plot(result, png_path)
-    return tables
+    return report.write_report(result, md_path, SECTION, numbers_tables, png_path, plot)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=str(ROOT / "benchmarks/results/kv_curve.json"))
-    parser.add_argument("--md", default=str(ROOT / "docs/results.md"))
-    parser.add_argument("--png", default=str(ROOT / "docs/kv_curve.png"))
-    args = parser.parse_args(argv)
-    print(write_report(json.loads(Path(args.results).read_text()), Path(args.md), Path(args.png)))
+    report.report_main(argv, __doc__, SECTION, ROOT / "benchmarks/results/kv_curve.json", ROOT / "docs/results.md",
+                       ROOT / "docs/kv_curve.png", numbers_tables, plot)
 
 
 if __name__ == "__main__":

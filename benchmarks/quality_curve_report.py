@@ -8,21 +8,16 @@ from these numbers, and is left as it is) and the plot docs/quality_curve.png.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from modification.conversion.atomic import atomic_replace_section
+from modification.evaluation import report
+from modification.evaluation.plots import pyplot, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "quality_curve"  # the markers around the generated tables in docs/results.md
 # every variant the curve measures, in the order of the tables, with its line style in the plot
 STYLES = {"fitted": ("C0", "o-"), "routers": ("C1", "s-"), "lora": ("C2", "D-"), "topk": ("C4", "v-"),
           "removal": ("C3", "x--"), "removal+lora": ("C5", "P--"), "random": ("C7", ".:")}
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
 
 
 def training_table(result: dict) -> list[str]:
@@ -37,7 +32,8 @@ def training_table(result: dict) -> list[str]:
     rows = [[v] + [minutes(v, f) for f in trained_at] for v in ("routers", "lora", "topk", "removal+lora") if v in res]
     if not rows:
         return []
-    return ["Minutes of training per trained run:", ""] + table(["variant"] + [f"f={f}" for f in trained_at], rows)
+    header = ["variant"] + [f"f={f}" for f in trained_at]
+    return ["Minutes of training per trained run:", ""] + report.markdown_table(header, rows)
 
 
 def perplexity_table(result: dict, kind: str) -> list[str]:
@@ -53,7 +49,7 @@ def perplexity_table(result: dict, kind: str) -> list[str]:
             for v, per_f in _variants(result)]
     return [f"### {kind}: perplexity (x base) at the executed fraction reached; base perplexity "
             f"{base['perplexity']:.2f}, last-word accuracy {base['last_word_accuracy']:.2f}", ""] + \
-        table(["variant"] + [f"target {f}" for f in fractions], rows)
+        report.markdown_table(["variant"] + [f"target {f}" for f in fractions], rows)
 
 
 def accuracy_table(result: dict) -> list[str]:
@@ -66,7 +62,7 @@ def accuracy_table(result: dict) -> list[str]:
     rows = [["base (1.0)"] + [cell(result["base"])] * len(fractions)]
     rows += [[v] + [cell(per_f.get(str(f))) for f in fractions] for v, per_f in _variants(result)]
     return [f"### Last-word accuracy ({' / '.join(kinds)})", ""] + \
-        table(["variant"] + [f"target {f}" for f in fractions], rows)
+        report.markdown_table(["variant"] + [f"target {f}" for f in fractions], rows)
 
 
 def plans_table(result: dict) -> list[str]:
@@ -79,8 +75,8 @@ def plans_table(result: dict) -> list[str]:
                      ", ".join(f"{j}: {s}" for j, s in plan.get("planned_skip", {}).items()),
                      ", ".join(map(str, plan.get("removal_dropped_layers", []))) or "-",
                      f"{', '.join(map(str, topk['layers']))} ({topk['capacity']})" if topk else "-"])
-    return ["### Plans (layer: share of its tokens skipped)", ""] + \
-        table(["target", "`fit_routers` chose", "skipped", "removal drops", "top-k layers (capacity)"], rows)
+    header = ["target", "`fit_routers` chose", "skipped", "removal drops", "top-k layers (capacity)"]
+    return ["### Plans (layer: share of its tokens skipped)", ""] + report.markdown_table(header, rows)
 
 
 def _variants(result: dict) -> list[tuple[str, dict]]:
@@ -98,11 +94,7 @@ def numbers_tables(result: dict) -> str:
 
 
 def plot(result: dict, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     base, kinds = result["base"], list(result["base"])
     fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 8.5), squeeze=False)
     for col, kind in enumerate(kinds):
@@ -127,26 +119,16 @@ def plot(result: dict, png_path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{result['settings']['base'].split(',')[0]}: quality vs executed fraction")
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png_path)
 
 
 def write_report(result: dict, md_path: Path, png_path: Path) -> str:
-    """The numbers tables between the markers of `md_path` (the text around them is people's) and the plot."""
-    tables = numbers_tables(result)
-    atomic_replace_section(md_path, SECTION, tables)
-    plot(result, png_path)
-    return tables
+    return report.write_report(result, md_path, SECTION, numbers_tables, png_path, plot)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=str(ROOT / "benchmarks/results/quality_curve.json"))
-    parser.add_argument("--md", default=str(ROOT / "docs/results.md"))
-    parser.add_argument("--png", default=str(ROOT / "docs/quality_curve.png"))
-    args = parser.parse_args(argv)
-    print(write_report(json.loads(Path(args.results).read_text()), Path(args.md), Path(args.png)))
+    report.report_main(argv, __doc__, SECTION, ROOT / "benchmarks/results/quality_curve.json", ROOT / "docs/results.md",
+                       ROOT / "docs/quality_curve.png", numbers_tables, plot)
 
 
 if __name__ == "__main__":

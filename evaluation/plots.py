@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works headless, in CI and on servers
@@ -24,11 +24,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -42,7 +42,7 @@ def plot_routed_fraction(
 ) -> Path:
     """Bar chart: the fraction of tokens that ran each layer (its attention; routed layers in colour), with the mean
     over layers, the KV fraction."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(per_layer)
     mean = sum(per_layer) / n
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * n + 2), 3.6))
@@ -64,7 +64,7 @@ def plot_routed_fraction(
                        Line2D([], [], color="tab:blue", linestyle="--", label=f"KV fraction {mean:.3f}")],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title or "Routed fraction per layer")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def collect_routing(model, tokenizer, text: str, max_tokens: int = 256) -> Routi
 def plot_routing_map(routing: RoutingMap, path: str | Path, title: str | None = None) -> Path:
     """Heatmap, layers x tokens: colour is the gate of routed layers; skipped cells are faded, layers without a router
     dark grey. Below: the fraction of layers each token ran."""
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
     from matplotlib import colormaps
 
@@ -165,7 +165,7 @@ def plot_routing_map(routing: RoutingMap, path: str | Path, title: str | None = 
         ax_bar.set_xticklabels([_label(t) for t in routing.tokens], rotation=90, fontsize=7)
     else:
         ax_bar.set_xlabel("token position")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _label(token: str) -> str:
@@ -283,7 +283,7 @@ def _decode_panel(ax, rows: list[tuple[str, dict]]) -> None:
 def plot_bench(bench: dict, path: str | Path, title: str | None = None) -> Path:
     """MoD/base ratios against context length (prefill latency with its spread, FLOP fraction, KV fraction, peak
     memory on CUDA) and, beside it, decode throughput ratio per batch size next to its ideal."""
-    plt = _pyplot()
+    plt = pyplot()
     prefill = bench.get("prefill", [])
     decode = bench.get("decode", [])
     fig, axes = plt.subplots(1, 2 if decode else 1, figsize=(11 if decode else 6.5, 4.2), squeeze=False,
@@ -307,14 +307,14 @@ def plot_bench(bench: dict, path: str | Path, title: str | None = None) -> Path:
         _decode_panel(ax2, [(str(row["batch_size"]), row) for row in decode])
         ax2.set_xlabel("decode batch size")
         ax2.set_title(f"decode, {decode[0]['prompt_length']}-token prompt", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_long_context_speed(variants: dict[str, dict], path: str | Path, title: str | None = None) -> Path:
     """`benchmarks/long_context_speed.py`'s picture: for each variant (e.g. {"attention": bench, "block": bench}, each
     a `run_benchmark` result) its prefill time ratio against context length next to its FLOP fraction, and its
     decode throughput ratio per batch size next to the ideal; the K/V bytes MoD / base beside the prefill times."""
-    plt = _pyplot()
+    plt = pyplot()
     colors = dict(zip(variants, ("tab:blue", "tab:orange", "tab:purple", "tab:red")))
     decode = [(f"{name}\nbatch {row['batch_size']}", row)
               for name, bench in variants.items() for row in bench["decode"]]
@@ -339,7 +339,7 @@ def plot_long_context_speed(variants: dict[str, dict], path: str | Path, title: 
         ax2.set_title(f"decode after a {decode[0][1]['prompt_length']}-token prompt", fontsize=10)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
