@@ -13,16 +13,31 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 
-from modification.modeling import MoDForCausalLM
+from modification.modeling import MoDConfig, MoDForCausalLM
+from modification.modeling.modeling_mod import MoDRouter
 
 from .atomic import atomic_output_dir
+from .bases import base_path
 from .budget import checkpoint_plan
 from .checkpoint import (
     fastest_attn_implementation,
@@ -35,20 +50,122 @@ from .data import PackedBlocks, load_blocks, mix_blocks, split_blocks
 from .local_paths import data_names
 from .results import RESULTS_FILENAME, update_results
 from .settings import DEFAULT_LEARNING_RATE, TrainSettings
+from .steps import SettingsError
 
 logger = logging.getLogger(__name__)
+
+# `max_steps` of a run that only `max_minutes` bounds (the Trainer needs a number).
+UNBOUNDED_STEPS = 10**9
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class RoutingStatsTrainer(Trainer):
-    """A Trainer that logs per-layer routed fractions and mean gates, and gives routers their own learning rate."""
+@dataclass(frozen=True)
+class Objective:
+    """What `modification train` minimises, besides the model's routing objective (which it always adds): the
+    weighted sum of the LM loss, the KL divergence from the teacher's next-token distribution at `distill_temperature`
+    (times T^2, so that its gradients keep their scale across temperatures) and the hidden-state error at
+    `hidden_mse_layers`. Each term is a sum over the scored tokens (those whose next token is a label) divided by the
+    tokens of the whole accumulated, distributed batch, as the Trainer normalises the LM loss."""
 
-    def __init__(self, *args, router_learning_rate: float = 1e-4, **kwargs):
+    lm_weight: float
+    distill_weight: float
+    distill_temperature: float
+    hidden_mse_weight: float
+    hidden_mse_layers: tuple[int, ...]
+
+    @classmethod
+    def from_settings(cls, settings: TrainSettings) -> Objective:
+        return cls(settings.lm_weight, settings.distill_weight, settings.distill_temperature,
+                   settings.hidden_mse_weight, tuple(settings.hidden_mse_layers))
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.distill_weight > 0 or self.hidden_mse_weight > 0
+
+    @property
+    def hidden_states(self) -> list[int] | None:
+        """The hidden states to return (transformers' `output_hidden_states` indices), or None."""
+        return list(self.hidden_mse_layers) if self.hidden_mse_weight > 0 else None
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`T^2 * KL(teacher_T || student_T)` summed over the rows (tokens) of `[tokens, vocab]` logits, in float32."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return temperature**2 * F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+def hidden_state_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """`||s - t||^2 / ||t||^2` summed over the rows (tokens) of `[tokens, hidden]` states: the squared error relative
+    to the teacher's norm, so that its weight means the same at every layer (Llama's residual stream grows with depth,
+    and its first tokens carry outsized activations)."""
+    student, teacher = student.float(), teacher.float()
+    return ((student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp(min=1e-6)).sum()
+
+
+@contextmanager
+def running_dense(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` as the teacher: the base it was made from. A MoD model, its peft wrapper, or either wrapped for
+    distributed training (the wrapper's forward is the one to call) runs with every router's `override="run"` (every
+    token runs every layer, ungated: the dense base), its LoRA adapters disabled (peft's `disable_adapter`) and in
+    eval mode (no dropout, no activation checkpointing). The weights are the model's own: nothing is copied. A plain
+    base model only switches to eval mode."""
+    from peft import PeftModel
+
+    routers = [m for m in model.modules() if isinstance(m, MoDRouter)]
+    adapters = next((m for m in model.modules() if isinstance(m, PeftModel)), None)
+    overrides, training = [router.override for router in routers], model.training
+    with adapters.disable_adapter() if adapters is not None else nullcontext():
+        try:
+            for router in routers:
+                router.override = "run"
+            model.eval()
+            yield model
+        finally:
+            for router, override in zip(routers, overrides):
+                router.override = override
+            model.train(training)
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training `minutes` after this run's first step, at the end of a step, asking for a checkpoint, a log line
+    and (where evaluation is on) an evaluation there. The main process's clock decides and every process follows it
+    (a broadcast per step), so that all stop at the same step."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60.0
+        self.start = time.monotonic()
+        self.reached = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from accelerate.utils import broadcast
+
+        over = torch.tensor([int(time.monotonic() - self.start >= self.seconds)], device=args.device)
+        if int(broadcast(over, from_process=0).item()) and not control.should_training_stop:
+            self.reached = True
+            control.should_training_stop = control.should_save = control.should_log = True
+            control.should_evaluate = args.eval_strategy != IntervalStrategy.NO
+        return control
+
+
+class RoutingStatsTrainer(Trainer):
+    """The Trainer of `modification train`: its loss is the `Objective` plus the model's routing objective, with the
+    teacher's pass (`running_dense` on the trained model itself, or a separate `teacher`) under `no_grad`; it logs
+    each term, the KV fraction and per-layer routed fractions and mean gates, in training and on the held-out blocks
+    (with the perplexity there), and gives routers their own learning rate."""
+
+    def __init__(self, *args, objective: Objective, teacher: torch.nn.Module | None = None,
+                 router_learning_rate: float = 1e-4, **kwargs):
         super().__init__(*args, **kwargs)
+        self.objective, self.teacher = objective, teacher
         self.router_learning_rate = router_learning_rate
         self._stats: dict[str, float] = {}
         self._stats_count = 0
+        self._eval_sums: dict[str, float] = {}
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -63,23 +180,54 @@ class RoutingStatsTrainer(Trainer):
                                                eps=self.args.adam_epsilon)
         return self.optimizer
 
+    @torch.no_grad()
+    def teacher_outputs(self, model: torch.nn.Module, inputs: dict):
+        """The teacher's logits (and the hidden states the objective compares) for `inputs`: the trained model's own
+        weights run dense (`running_dense`), or the separate teacher's."""
+        teacher = self.teacher if self.teacher is not None else model
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        with running_dense(teacher):
+            return teacher(**inputs, use_cache=False, output_hidden_states=self.objective.hidden_states)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, "output_router_decisions": True}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        objective = self.objective
+        scored = inputs["labels"][..., 1:] != -100  # positions whose next token is scored, as by the LM loss
+        n_scored = scored.sum()
+        teacher = self.teacher_outputs(model, inputs) if objective.uses_teacher else None
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        else:
+            num_items_in_batch = None
+        outputs = model(**inputs, output_router_decisions=True, output_hidden_states=objective.hidden_states)
+        # the LM loss comes normalised by `denominator`; every term here is too (sum over this batch / denominator)
+        denominator = num_items_in_batch if num_items_in_batch is not None else n_scored.clamp(min=1)
+        sums = {"lm_loss": outputs.lm_loss.detach() * denominator}
+        # the model's loss is the LM loss plus the routing objective, already weighted for accumulation
+        loss = objective.lm_weight * outputs.lm_loss + (outputs.loss - outputs.lm_loss)
+        if objective.distill_weight > 0:
+            kl = distillation_kl(outputs.logits[:, :-1][scored], teacher.logits[:, :-1][scored],
+                                 objective.distill_temperature)
+            loss = loss + objective.distill_weight * kl / denominator
+            sums["kl_loss"] = kl.detach()
+        if objective.hidden_mse_weight > 0:
+            error = sum(hidden_state_error(outputs.hidden_states[i][:, :-1][scored],
+                                           teacher.hidden_states[i][:, :-1][scored])
+                        for i in objective.hidden_mse_layers) / len(objective.hidden_mse_layers)
+            loss = loss + objective.hidden_mse_weight * error / denominator
+            sums["hidden_mse"] = error.detach()
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as Trainer.compute_loss: the denominator counts every process's tokens, and DDP averages gradients
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
         if model.training:
-            lm_loss = outputs.lm_loss
-            if lm_loss is not None and num_items_in_batch is not None:
-                # the model normalised by the tokens of the whole accumulated batch; log this batch's mean
-                local = (inputs["labels"][..., 1:] != -100).sum().clamp(min=1)
-                lm_loss = lm_loss * num_items_in_batch / local
-            self._record(outputs, lm_loss)
+            self._record(outputs, {name: float(value / n_scored.clamp(min=1)) for name, value in sums.items()})
+        else:
+            self._record_eval(outputs, sums, n_scored)
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _record(self, outputs, lm_loss) -> None:
-        stats = {"kv_fraction": float(outputs.routed_fraction.mean())}  # K/V written over the dense model's
-        if lm_loss is not None:
-            stats["lm_loss"] = float(lm_loss)
+    def _record(self, outputs, terms: dict[str, float]) -> None:
+        stats = {"kv_fraction": float(outputs.routed_fraction.mean()), **terms}  # K/V written over the dense model's
         config = self.model.config
         if outputs.aux_loss is not None:  # raw, as Mixtral's: log the term the loss adds
             stats["routing_loss"] = float(config.router_aux_loss_coef * outputs.aux_loss)
@@ -89,6 +237,32 @@ class RoutingStatsTrainer(Trainer):
         for key, value in stats.items():
             self._stats[key] = self._stats.get(key, 0.0) + value
         self._stats_count += 1
+
+    @torch.no_grad()
+    def _record_eval(self, outputs, sums: dict[str, torch.Tensor], n_scored: torch.Tensor) -> None:
+        for name, value in sums.items():
+            self._eval_sums[name] += float(value)
+        self._eval_sums["tokens"] += float(n_scored)
+        self._eval_sums["kv_fraction"] += float(outputs.routed_fraction.mean())
+        self._eval_sums["batches"] += 1.0
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's loop, plus each term of the objective on the held-out blocks (per token, over every
+        process), the perplexity (of the LM loss) and the KV fraction."""
+        names = ["lm_loss", "tokens", "kv_fraction", "batches"]
+        names += ["kl_loss"] * (self.objective.distill_weight > 0)
+        names += ["hidden_mse"] * (self.objective.hidden_mse_weight > 0)
+        self._eval_sums = dict.fromkeys(names, 0.0)  # the same keys on every process, batches or not
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        totals = torch.tensor([self._eval_sums[n] for n in names], dtype=torch.float64, device=self.args.device)
+        totals = dict(zip(names, self.accelerator.reduce(totals, reduction="sum").tolist()))
+        if totals["tokens"]:
+            for name in names[4:] + ["lm_loss"]:
+                output.metrics[f"{metric_key_prefix}_{name}"] = totals[name] / totals["tokens"]
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(totals["lm_loss"] / totals["tokens"])
+            output.metrics[f"{metric_key_prefix}_kv_fraction"] = totals["kv_fraction"] / totals["batches"]
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats_count:
@@ -123,13 +297,89 @@ def default_checkpoint_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + "-checkpoints")
 
 
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The latest `checkpoint-N` folder the Trainer finished writing. The Trainer writes a checkpoint in place, with
+    `trainer_state.json` last, and removes older ones (beyond `save_total_limit`) only after that: a folder without
+    it is one a killed run left half-written, and the one before it is intact."""
+    complete = [p for p in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / TRAINER_STATE_NAME).is_file()]
+    complete = [p for p in complete if p.name.split("-")[-1].isdigit()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def teacher_folder(settings: TrainSettings, config: MoDConfig) -> Path | None:
+    """The folder of the separate teacher (`settings.teacher`, or for the `full` recipe, whose training moves the
+    weights the teacher would run, the starting checkpoint), checked against the trained model `config`: the same
+    vocabulary, and for the hidden-state error the same hidden size and layer count. None: the model teaches itself."""
+    name = settings.teacher or (settings.model if settings.recipe == "full" and settings.uses_teacher() else None)
+    if name is None:
+        return None
+    try:
+        folder = resolve_checkpoint(base_path(name))
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SettingsError("train", f"cannot read the teacher {name!r}: {err}", "teacher") from None
+    if raw.get("vocab_size") != config.vocab_size:
+        raise SettingsError("train", f"{name!r} has a vocabulary of {raw.get('vocab_size')} tokens and the trained "
+                                     f"model {config.vocab_size}: the KL term compares distributions over the same "
+                                     f"tokens", "teacher")
+    if settings.hidden_mse_weight > 0:
+        for key in ("hidden_size", "num_hidden_layers"):
+            if raw.get(key) != getattr(config, key):
+                raise SettingsError("train", f"{name!r} has {key}={raw.get(key)} and the trained model "
+                                             f"{getattr(config, key)}: the hidden-state error compares states of the "
+                                             f"same shape", "teacher")
+    return folder
+
+
+def load_teacher(folder: Path) -> torch.nn.Module:
+    """A frozen teacher: a MoD checkpoint (run dense, `running_dense`) or a base model, in float32 as the student."""
+    if json.loads((folder / "config.json").read_text()).get("model_type") == MoDConfig.model_type:
+        teacher, _ = load_mod_model(str(folder), dtype=torch.float32)
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return teacher.requires_grad_(False).eval()
+
+
+def plot_held_out(log_history: list[dict], path: Path) -> Path | None:
+    """Held-out perplexity (and KL to the teacher) against training tokens, from the training log, as a PNG at `path`;
+    None where there is no held-out evaluation or matplotlib (the `eval` extra) is not installed."""
+    rows = [row for row in log_history if "eval_lm_loss" in row and "num_input_tokens_seen" in row]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed (pip install 'modification[eval]'): no plot of the held-out loss")
+        return None
+    tokens = [row["num_input_tokens_seen"] for row in rows]
+    panels = [("eval_perplexity", "held-out perplexity")]
+    if "eval_kl_loss" in rows[0]:
+        panels.append(("eval_kl_loss", "held-out KL to the teacher (x T^2, nats/token)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        ax.plot(tokens, [row[key] for row in rows], marker="o")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def train(settings: TrainSettings) -> Path:
     """Train the routers (and LoRA or all weights) of the MoD checkpoint `settings.model` and write a standalone
     checkpoint to `settings.out`.
 
-    Checkpoints go to `settings.checkpoint_dir` every `save_steps`; `resume` continues from the last one there. With
-    the `lora` recipe the adapter is merged into the output; `save_adapter` also writes it to `out/adapter` (loadable
-    with `PeftModel.from_pretrained` on the input checkpoint).
+    The run lasts `steps`, `max_tokens` or `max_minutes`, whichever it reaches first. Checkpoints go to
+    `settings.checkpoint_dir` every `save_steps` (and where `max_minutes` stops the run); `resume` continues from the
+    last complete one there. With the `lora` recipe the adapter is merged into the output; `save_adapter` also
+    writes it to `out/adapter` (loadable with `PeftModel.from_pretrained` on the input checkpoint). Next to the
+    output's `training_log.json`, `held_out.png` plots the held-out loss against training tokens (with
+    `eval_steps`, where matplotlib is installed).
     """
     out, resume, progress = Path(settings.out), settings.resume, settings.progress
     if out.exists() and not settings.overwrite:
@@ -140,26 +390,41 @@ def train(settings: TrainSettings) -> Path:
         raise ValueError(
             f"seq_len={settings.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
         )
+    states = config.num_hidden_layers + 1  # the embeddings and every layer's output
+    bad = [i for i in settings.hidden_mse_layers if not -states <= i < states]
+    if settings.hidden_mse_weight > 0 and bad:
+        raise SettingsError("train", f"{bad} name no hidden state of a {config.num_hidden_layers}-layer model (0 to "
+                                     f"{states - 1}, or negative from the end)", "hidden_mse_layers")
+    teacher_dir = teacher_folder(settings, config)
     checkpoint_dir = Path(settings.checkpoint_dir or default_checkpoint_dir(out))
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    any_checkpoint = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    last = last_complete_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
     if resume and last is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {checkpoint_dir} to resume from")
-    if not resume and last is not None:
-        raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass --resume to continue from {last}")
+        raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {checkpoint_dir} to resume from")
+    if not resume and any_checkpoint is not None:
+        raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass --resume to continue from "
+                              f"{last or any_checkpoint}")
+    if resume and any_checkpoint != last:
+        logger.warning("%s was left half-written (no %s); resuming from %s", any_checkpoint, TRAINER_STATE_NAME, last)
 
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = settings.batch_size * settings.grad_accum * world * settings.seq_len
+    max_steps = settings.max_steps(tokens_per_step)  # None: only max_minutes bounds the run
     blocks = load_blocks(settings.data, tokenizer, settings.seq_len, settings.text_field, settings.split,
                          settings.data_config, settings.max_tokens_per_source, progress=progress)
     train_blocks, eval_blocks = split_blocks(blocks, settings.eval_fraction)
-    needed = settings.steps * settings.batch_size * settings.grad_accum * world
-    train_set = mix_blocks(train_blocks, settings.data_weights, needed if settings.data_weights else None,
-                           seed=settings.seed)
+    needed = max_steps * settings.batch_size * settings.grad_accum * world if max_steps and settings.data_weights \
+        else None  # without a step count, one pass over the mixed sources, repeated as the Trainer needs
+    train_set = mix_blocks(train_blocks, settings.data_weights, needed, seed=settings.seed)
     eval_set = torch.cat(eval_blocks) if settings.eval_fraction > 0 else None
 
     model, _ = load_mod_model(str(folder), dtype=torch.float32)
+    teacher = load_teacher(teacher_dir) if teacher_dir is not None else None
     if torch.cuda.is_available():  # the Trainer moves the model there
-        model.set_attn_implementation(fastest_attn_implementation(torch.device("cuda")))
+        for module in (model, teacher):
+            if isinstance(module, MoDForCausalLM):
+                module.set_attn_implementation(fastest_attn_implementation(torch.device("cuda")))
     if settings.load_loss_coef is not None:
         model.config.load_loss_coef = settings.load_loss_coef
     budget = settings.budget()
@@ -179,20 +444,22 @@ def train(settings: TrainSettings) -> Path:
     use_cuda = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
-        max_steps=settings.steps,
+        max_steps=max_steps or UNBOUNDED_STEPS,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate or DEFAULT_LEARNING_RATE[settings.recipe],
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps,
-        lr_scheduler_type="cosine",
+        # a cosine schedule needs the run's length; a run bounded by time alone keeps its learning rate
+        lr_scheduler_type="cosine" if max_steps else "constant_with_warmup",
         logging_steps=settings.logging_steps,
         logging_first_step=True,
         save_steps=settings.save_steps,
         save_total_limit=2,
         eval_strategy="steps" if settings.eval_steps and eval_set is not None else "no",
         eval_steps=settings.eval_steps,
+        include_num_input_tokens_seen="all",  # every log line says how many tokens training has seen
         report_to=[],
         seed=settings.seed,
         data_seed=settings.seed,
@@ -206,16 +473,25 @@ def train(settings: TrainSettings) -> Path:
         disable_tqdm=not progress,
         dataloader_drop_last=True,
     )
+    if teacher is not None:
+        teacher.to(args.device)
     trainer = RoutingStatsTrainer(
         model=trainable,
         args=args,
         train_dataset=PackedBlocks(train_set),
         eval_dataset=PackedBlocks(eval_set) if eval_set is not None else None,
+        objective=Objective.from_settings(settings),
+        teacher=teacher,
         router_learning_rate=settings.router_learning_rate,
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+    time_budget = TimeBudget(settings.max_minutes) if settings.max_minutes is not None else None
+    if time_budget is not None:
+        trainer.add_callback(time_budget)
+    started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=last if resume else None)
+    minutes = (time.monotonic() - started) / 60
 
     if trainer.is_world_process_zero():
         final = trainable
@@ -229,10 +505,15 @@ def train(settings: TrainSettings) -> Path:
             final.config.calibration = {"fit": fit, "stale": True} if fit else None
             save_checkpoint(final, tmp, companions_from=folder)
             record = training_record(settings, trainer, result)
+            record.update(stopped_by="max_minutes" if time_budget is not None and time_budget.reached else "steps",
+                          minutes=round(minutes, 2))
+            if settings.teacher is not None:
+                record["teacher"] = settings.teacher  # made public (a local folder by its name) with the record
             if resume:
-                start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
+                start = json.loads((Path(last) / TRAINER_STATE_NAME).read_text())["global_step"]
                 record.update(resumed_from=str(last), steps_this_run=result.global_step - start)
             (tmp / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+            plot_held_out(trainer.state.log_history, tmp / "held_out.png")
             update_results(tmp / RESULTS_FILENAME, final.config, str(out), extra={"training": record})
     trainer.accelerator.wait_for_everyone()
     return out
@@ -241,14 +522,13 @@ def train(settings: TrainSettings) -> Path:
 def training_record(settings: TrainSettings, trainer: Trainer, result) -> dict:
     """The `training` section of results.json: what the training did (not where it wrote)."""
     args = trainer.args
-    tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
-        args.world_size * settings.seq_len
     record = {**settings.recorded(), "data": data_names(settings.data)}
     record.update(
         initial_checkpoint=settings.model,
         learning_rate=args.learning_rate,
         sequence_length=settings.seq_len,
-        tokens=tokens,
+        completed_steps=trainer.state.global_step,
+        tokens=trainer.state.num_input_tokens_seen,
         world_size=args.world_size,
         final_train_loss=round(float(result.training_loss), 5) if not math.isnan(result.training_loss) else None,
     )
