@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
@@ -357,7 +359,7 @@ def plot_held_out(log_history: list[dict], path: Path) -> Path | None:
     tokens = [row["num_input_tokens_seen"] for row in rows]
     panels = [("eval_perplexity", "held-out perplexity")]
     if "eval_kl_loss" in rows[0]:
-        panels.append(("eval_kl_loss", "held-out KL to the teacher (x T^2, nats/token)"))
+        panels.append(("eval_kl_loss", "held-out KL to the teacher (x T^2)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         ax.plot(tokens, [row[key] for row in rows], marker="o")
@@ -400,12 +402,19 @@ def train(settings: TrainSettings) -> Path:
     any_checkpoint = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     last = last_complete_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
     if resume and last is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {checkpoint_dir} to resume from")
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir} to resume from (a checkpoint-* folder "
+                                f"holding {TRAINER_STATE_NAME}, which the Trainer writes last)")
     if not resume and any_checkpoint is not None:
         raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass --resume to continue from "
                               f"{last or any_checkpoint}")
-    if resume and any_checkpoint != last:
-        logger.warning("%s was left half-written (no %s); resuming from %s", any_checkpoint, TRAINER_STATE_NAME, last)
+    start_step = json.loads((Path(last) / TRAINER_STATE_NAME).read_text())["global_step"] if resume else 0
+    if resume and any_checkpoint != last and int(os.environ.get("RANK", "0")) == 0:
+        # a killed run's half-written checkpoints: removed, so that the Trainer's rotation counts only real ones
+        for partial in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            if not (partial / TRAINER_STATE_NAME).is_file():
+                logger.warning("removing %s, left half-written (no %s); resuming from %s", partial,
+                               TRAINER_STATE_NAME, last)
+                shutil.rmtree(partial)
 
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -439,6 +448,7 @@ def train(settings: TrainSettings) -> Path:
         enable_checkpointing(model)
     # peft still asks transformers for the deprecated `is_gradient_checkpointing`; the warning is not the user's to fix.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    set_seed(settings.seed)  # LoRA's initial A matrices: the same run starts from the same adapters
     trainable = _prepare_model(model, settings)
 
     use_cuda = torch.cuda.is_available()
@@ -510,8 +520,7 @@ def train(settings: TrainSettings) -> Path:
             if settings.teacher is not None:
                 record["teacher"] = settings.teacher  # made public (a local folder by its name) with the record
             if resume:
-                start = json.loads((Path(last) / TRAINER_STATE_NAME).read_text())["global_step"]
-                record.update(resumed_from=str(last), steps_this_run=result.global_step - start)
+                record.update(resumed_from=str(last), steps_this_run=result.global_step - start_step)
             (tmp / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
             plot_held_out(trainer.state.log_history, tmp / "held_out.png")
             update_results(tmp / RESULTS_FILENAME, final.config, str(out), extra={"training": record})

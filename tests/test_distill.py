@@ -1,0 +1,228 @@
+"""Healing (issue 20): the distillation objective (KL to the dense base, hidden-state error, LM loss), the teacher
+pass, token and time budgets, held-out evaluation, resume after an interruption, and clear errors for bad input."""
+
+import json
+import math
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import routed_model, save_base, text_mod_checkpoint, tiny_base
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from modification.conversion import train as train_module
+from modification.conversion.convert import convert_model
+from modification.conversion.settings import DEFAULT_STEPS, TrainSettings
+from modification.conversion.steps import SettingsError
+from modification.conversion.train import (
+    Objective,
+    RoutingStatsTrainer,
+    _prepare_model,
+    distillation_kl,
+    running_dense,
+    train,
+)
+from modification.modeling.modeling_mod import MoDRouter
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    return text_mod_checkpoint(tmp_path_factory.mktemp("textmod"))
+
+
+def _settings(mod, out, train_file, **kw):
+    base = dict(model=str(mod), out=str(out), steps=4, seq_len=64, batch_size=2, logging_steps=1, save_steps=100,
+                data=[str(train_file)], progress=False)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def _trainer(model, tmp_path, **objective):
+    """A trainer of `model` with the objective's defaults (KL at T=2) and `objective` on top."""
+    values = dict(lm_weight=0.0, distill_weight=1.0, distill_temperature=2.0, hidden_mse_weight=0.0,
+                  hidden_mse_layers=())
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), use_cpu=True, report_to=[])
+    return RoutingStatsTrainer(model=model, args=args, objective=Objective(**{**values, **objective}))
+
+
+def _batch(seed=0, batch=2, seq=24, vocab=97):
+    ids = torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _lora(model):
+    settings = TrainSettings(model="m", out="o", data=["d"], recipe="lora")
+    return _prepare_model(model, settings)
+
+
+def test_kl_is_zero_when_student_and_teacher_agree_and_positive_otherwise(tmp_path):
+    batch = _batch()
+    # a freshly converted model (exact gates; every token routed) with fresh LoRA adapters (B = 0) is its base
+    fresh = _lora(convert_model(tiny_base("llama")))
+    trainer = _trainer(fresh, tmp_path, hidden_mse_weight=1.0, hidden_mse_layers=(2, -1))
+    trainer.compute_loss(fresh.train(), batch)
+    assert trainer._stats["kl_loss"] < 1e-6 and trainer._stats["hidden_mse"] < 1e-6
+    assert trainer._stats["lm_loss"] > 1.0  # the LM loss is computed (and logged) even at weight 0
+    # a routed model (random routers: about half the tokens skip each routed layer) is not its dense base
+    routed = routed_model("llama")
+    trainer = _trainer(routed, tmp_path, hidden_mse_weight=1.0, hidden_mse_layers=(-1,))
+    loss = trainer.compute_loss(routed.train(), batch)
+    assert trainer._stats["kl_loss"] > 1e-3 and trainer._stats["hidden_mse"] > 1e-3
+    assert trainer._stats["kv_fraction"] < 0.95
+    loss.backward()  # the KL term reaches the routers, through their gates
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+               for m in routed.modules() if isinstance(m, MoDRouter))
+    # the term itself: zero for equal logits, T^2 * KL otherwise
+    logits = torch.randn(5, 11)
+    assert distillation_kl(logits, logits, 2.0).item() == 0.0
+    other = torch.randn(5, 11)
+    expected = sum(4.0 * torch.sum(p * (p.log() - q.log())) for p, q in
+                   zip(torch.softmax(other / 2, -1), torch.softmax(logits / 2, -1)))
+    assert distillation_kl(logits, other, 2.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_teacher_pass_updates_nothing_and_shares_the_students_weights(tmp_path):
+    model = routed_model("llama")
+    model = _lora(model)
+    with torch.no_grad():  # adapters that change the model, so that disabling them shows
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    batch = _batch(1)
+    trainer = _trainer(model, tmp_path)
+    model.train()
+    before = {name: (param.data_ptr(), param.detach().clone()) for name, param in model.named_parameters()}
+    with torch.no_grad():
+        student = model(input_ids=batch["input_ids"]).logits
+    teacher = trainer.teacher_outputs(model, batch)
+    assert trainer.teacher is None  # no second model: the teacher is the student's own weights
+    assert teacher.logits.grad_fn is None and not teacher.logits.requires_grad
+    for name, param in model.named_parameters():
+        pointer, value = before[name]
+        assert param.data_ptr() == pointer and torch.equal(param, value) and param.grad is None, name
+    # everything is switched back: routing, adapters, train mode
+    assert model.training and all(m.override is None for m in model.modules() if isinstance(m, MoDRouter))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch["input_ids"]).logits, student)
+    # the teacher is the dense base: neither the adapters nor the routers play a part
+    base = model.get_base_model()
+    with torch.no_grad(), running_dense(base), model.disable_adapter():
+        dense = base(input_ids=batch["input_ids"]).logits
+    assert torch.equal(teacher.logits, dense)
+    assert (teacher.logits - student).abs().max() > 1e-3
+
+
+def test_training_lora_with_self_distillation_loads_no_teacher(text_ckpt, tmp_path, monkeypatch):
+    mod, train_file, _ = text_ckpt
+
+    def no_second_copy(folder):
+        raise AssertionError(f"a teacher copy was loaded from {folder}")
+
+    monkeypatch.setattr(train_module, "load_teacher", no_second_copy)
+    out = train(_settings(mod, tmp_path / "out", train_file, steps=4, learning_rate=1e-2, kv_fraction=0.8,
+                          load_loss_coef=1.0, router_learning_rate=0.05))
+    log = [row for row in json.loads((out / "training_log.json").read_text()) if "kl_loss" in row]
+    assert log[0]["kl_loss"] < 1e-6  # step 1: fresh adapters, every token routed: the student is the teacher
+    # (whose gradient is then zero: the KL term only acts once the routers, held to the budget, skip tokens)
+    assert log[-1]["kv_fraction"] < 1.0 and log[-1]["kl_loss"] > 1e-6
+
+
+def test_a_separate_teacher_and_its_vocabulary(text_ckpt, tmp_path):
+    mod, train_file, _ = text_ckpt
+    # the base the checkpoint was converted from teaches as the model's own dense pass does
+    out = train(_settings(mod, tmp_path / "out", train_file, steps=2, recipe="routers",
+                          teacher=str(mod.parent / "base"), router_learning_rate=0.05, load_loss_coef=1.0))
+    log = [row for row in json.loads((out / "training_log.json").read_text()) if "kl_loss" in row]
+    assert log[0]["kl_loss"] < 1e-6
+    assert json.loads((out / "results.json").read_text())["training"]["teacher"] == "base"
+    # a teacher over other tokens: refused before any text is read (the data file does not exist)
+    other = save_base("llama", tmp_path / "other-vocab")
+    with pytest.raises(SettingsError, match=r"^train\.teacher: .*vocabulary of 97 tokens"):
+        train(_settings(mod, tmp_path / "o2", tmp_path / "missing.txt", teacher=str(other)))
+    with pytest.raises(SettingsError, match=r"^train\.teacher: cannot read"):
+        train(_settings(mod, tmp_path / "o3", train_file, teacher=str(tmp_path / "nowhere")))
+    with pytest.raises(SettingsError, match=r"^train\.hidden_mse_layers: \[7\] name no hidden state"):
+        train(_settings(mod, tmp_path / "o4", train_file, hidden_mse_weight=1.0, hidden_mse_layers=[1, 7]))
+    assert not any((tmp_path / name).exists() for name in ("o2", "o3", "o4", "o2-checkpoints"))
+
+
+@pytest.mark.parametrize("values,field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_minutes": 0}, "max_minutes"),
+    ({"max_minutes": -1.5}, "max_minutes"),
+    ({"steps": 0}, "steps"),
+    ({"distill_weight": -1.0}, "distill_weight"),
+    ({"lm_weight": -0.5}, "lm_weight"),
+    ({"hidden_mse_weight": -1.0}, "hidden_mse_weight"),
+    ({"distill_weight": 0.0}, "all zero"),
+    ({"distill_temperature": 0.0}, "distill_temperature"),
+    ({"hidden_mse_weight": 1.0}, "hidden_mse_layers"),
+    ({"teacher": "t", "distill_weight": 0.0, "lm_weight": 1.0}, "teacher"),
+])
+def test_bad_budgets_and_weights_name_the_field(values, field):
+    with pytest.raises(SettingsError, match=field):
+        TrainSettings(model="m", out="o", data=["d"], **values)
+
+
+def test_step_budgets():
+    settings = TrainSettings(model="m", out="o", data=["d"])
+    assert settings.max_steps(1000) == DEFAULT_STEPS
+    assert replace(settings, max_tokens=2500).max_steps(1000) == 3  # as many steps as reach the tokens
+    assert replace(settings, max_tokens=2500, steps=2).max_steps(1000) == 2  # whichever comes first
+    assert replace(settings, max_minutes=5.0).max_steps(1000) is None  # time alone bounds the run
+    assert replace(settings, max_minutes=5.0, steps=7).max_steps(1000) == 7
+
+
+def test_token_budget_and_held_out_evaluation(text_ckpt, tmp_path):
+    mod, train_file, _ = text_ckpt
+    settings = _settings(mod, tmp_path / "out", train_file, steps=None, max_tokens=300, eval_steps=2,
+                         eval_fraction=0.05, lm_weight=0.5, recipe="routers", kv_fraction=0.8, load_loss_coef=1.0,
+                         router_learning_rate=0.05)
+    out = train(settings)
+    record = json.loads((out / "results.json").read_text())["training"]
+    assert record["completed_steps"] == 3 and record["tokens"] == 3 * 2 * 64  # ceil(300 / 128) steps
+    assert record["max_tokens"] == 300 and record["stopped_by"] == "steps"
+    log = json.loads((out / "training_log.json").read_text())
+    evals = [row for row in log if "eval_loss" in row]
+    assert [row["step"] for row in evals] == [2, 3]  # every eval_steps, and at the end
+    row = evals[0]
+    assert row["eval_perplexity"] == pytest.approx(math.exp(row["eval_lm_loss"]))
+    assert row["eval_kl_loss"] >= 0 and 0 < row["eval_kv_fraction"] <= 1
+    assert row["num_input_tokens_seen"] == 2 * 128
+    # the objective on the held-out blocks: LM loss at weight 0.5, KL at 1, the routing term on top
+    assert row["eval_loss"] >= 0.5 * row["eval_lm_loss"] + row["eval_kl_loss"] - 1e-4
+    pytest.importorskip("matplotlib")
+    assert (out / "held_out.png").stat().st_size > 0
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(text_ckpt, tmp_path):
+    mod, train_file, _ = text_ckpt
+    settings = _settings(mod, tmp_path / "full", train_file, recipe="lora", steps=4, learning_rate=1e-2,
+                         lm_weight=0.5, save_steps=100, checkpoint_dir=str(tmp_path / "full-ckpts"))
+    full = train(settings)
+    # the same run, stopped by its time budget after the first step (a checkpoint is written there) ...
+    ckpts = tmp_path / "ckpts"
+    stopped = train(replace(settings, out=str(tmp_path / "stopped"), checkpoint_dir=str(ckpts), max_minutes=1e-6))
+    record = json.loads((stopped / "results.json").read_text())["training"]
+    assert record["stopped_by"] == "max_minutes" and record["completed_steps"] == 1
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1"]
+    # ... and a later checkpoint a killed run left half-written (the Trainer writes trainer_state.json last)
+    (ckpts / "checkpoint-3").mkdir()
+    (ckpts / "checkpoint-3" / "model.safetensors").write_bytes(b"")
+    resumed = train(replace(settings, out=str(tmp_path / "resumed"), checkpoint_dir=str(ckpts), resume=True))
+    record = json.loads((resumed / "results.json").read_text())["training"]
+    assert record["resumed_from"].endswith("checkpoint-1") and record["steps_this_run"] == 3
+    # the same data in the same order: the resumed steps' losses are the uninterrupted run's
+    losses = {}
+    for name, folder in (("full", full), ("resumed", resumed)):
+        rows = json.loads((folder / "training_log.json").read_text())
+        losses[name] = {row["step"]: (row["loss"], row["kl_loss"]) for row in rows if "kl_loss" in row}
+    assert list(losses["resumed"]) == [1, 2, 3, 4]
+    for step in (2, 3, 4):
+        assert losses["resumed"][step] == pytest.approx(losses["full"][step], rel=1e-4, abs=1e-6), step
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    shutil.rmtree(ckpts)
