@@ -1,12 +1,25 @@
-"""Router training with the transformers Trainer and peft: `routers`, `lora` (default) and `full` recipes.
+"""Router training with the transformers Trainer and peft: `routers`, `lora` (default) and `full` recipes, healing a
+converted model by self-distillation from its base.
 
-The loss is the model's own: LM loss plus the routing objective (layer-load objective for threshold routing, BCE for
-top-k). Per-layer routed fractions and mean gates are logged from the first step, because the layer-load objective is
+The loss (`Objective`) is, by default, the KL divergence from the teacher's next-token distribution at temperature 2
+(times T^2), plus the model's routing objective (layer-load objective for threshold routing, BCE for top-k); the LM
+loss on the text and a hidden-state error at chosen layers can be mixed in (`lm_weight`, `hidden_mse_weight`). The
+teacher is the base the model was made from: the same weights with every router's `override="run"` and LoRA
+adapters disabled (`running_dense`), run under `no_grad` in the same step, so that memory holds one copy of the
+weights (the `full` recipe, which moves those weights, and a `teacher` setting load a frozen one). Distillation is the
+default because healing should bring back the base's behaviour rather than fit the healing text (Minitron, arXiv
+2407.14679; SwiftKV, arXiv 2410.03960; README, "Training defaults").
+
+Per-layer routed fractions and mean gates are logged from the first step, because the layer-load objective is
 bistable (too weak and the model stays dense, too strong and every gate shuts); holding each routed layer at its share
 of a `RoutingPlan` (the checkpoint's, a fit's, or it brought to `kv_fraction` / `flop_fraction`) turns it into a
 controller that settles at the budget (see `MoDConfig.load_loss_target`).
-"""
 
+A run lasts `steps`, `max_tokens` or `max_minutes`, whichever it reaches first (`TimeBudget` stops it cleanly, with a
+checkpoint); `resume` continues from the last complete checkpoint; held-out evaluation logs each term and the
+perplexity, and `plot_held_out` draws them against the tokens seen. The same code runs under `accelerate launch`
+(DDP, FSDP, DeepSpeed; configs in `accelerate_configs/`).
+"""
 from __future__ import annotations
 
 import json
@@ -273,6 +286,37 @@ class RoutingStatsTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def configure_objective(config: MoDConfig, settings: TrainSettings) -> None:
+    """The routing objective of the run in the model's `config`: `load_loss_coef`, and with a budget or a fit's plan,
+    the share of the plan each routed layer is held at (`load_loss_target`)."""
+    if settings.load_loss_coef is not None:
+        config.load_loss_coef = settings.load_loss_coef
+    budget = settings.budget()
+    if budget is not None or config.routing_plan is not None:
+        # hold each routed layer at its share of the plan: the checkpoint's (a fit's), brought to the budget if given
+        plan = checkpoint_plan(config)
+        plan = budget.scale(plan, config) if budget is not None else plan
+        config.routing_plan = plan.to_dict()
+        config.load_loss_target = list(plan.routed_share)
+    config.validate()
+
+
+def gathered_model(trainer: Trainer, settings: TrainSettings):
+    """The trained model whole, for the final checkpoint. Where FSDP or DeepSpeed shard the weights, every process
+    takes part in gathering them (`Accelerator.get_state_dict`) and the main process loads them into a fresh,
+    unsharded copy of the run's model; elsewhere, the trained model itself."""
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return trainer.model
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    model, _ = load_mod_model(settings.model, dtype=torch.float32)
+    configure_objective(model.config, settings)
+    model = _prepare_model(model, settings)
+    model.load_state_dict(state)
+    return model
+
+
 def _prepare_model(model: MoDForCausalLM, settings: TrainSettings):
     """Set trainable parameters for the recipe; for `lora`, wrap with peft (routers as modules_to_save)."""
     if settings.recipe == "lora":
@@ -434,16 +478,7 @@ def train(settings: TrainSettings) -> Path:
         for module in (model, teacher):
             if isinstance(module, MoDForCausalLM):
                 module.set_attn_implementation(fastest_attn_implementation(torch.device("cuda")))
-    if settings.load_loss_coef is not None:
-        model.config.load_loss_coef = settings.load_loss_coef
-    budget = settings.budget()
-    if budget is not None or model.config.routing_plan is not None:
-        # hold each routed layer at its share of the plan: the checkpoint's (a fit's), brought to the budget if given
-        plan = checkpoint_plan(model.config)
-        plan = budget.scale(plan, model.config) if budget is not None else plan
-        model.config.routing_plan = plan.to_dict()
-        model.config.load_loss_target = list(plan.routed_share)
-    model.config.validate()
+    configure_objective(model.config, settings)
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     # peft still asks transformers for the deprecated `is_gradient_checkpointing`; the warning is not the user's to fix.
@@ -503,13 +538,14 @@ def train(settings: TrainSettings) -> Path:
     result = trainer.train(resume_from_checkpoint=last if resume else None)
     minutes = (time.monotonic() - started) / 60
 
+    trained = gathered_model(trainer, settings)
     if trainer.is_world_process_zero():
-        final = trainable
+        final = trained
         with atomic_output_dir(out, overwrite=settings.overwrite) as tmp:
             if settings.recipe == "lora":
                 if settings.save_adapter:
-                    trainable.save_pretrained(tmp / "adapter")
-                final = trainable.merge_and_unload()
+                    trained.save_pretrained(tmp / "adapter")
+                final = trained.merge_and_unload()
             # thresholds measured before training no longer hold; the fit's per-layer plan does (calibrate reuses it)
             fit = (final.config.calibration or {}).get("fit")
             final.config.calibration = {"fit": fit, "stale": True} if fit else None

@@ -226,3 +226,31 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(text_ckpt, tmp_p
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     shutil.rmtree(ckpts)
+
+
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed-zero2", "deepspeed-zero3"])
+def test_shipped_accelerate_configs_parse_as_the_launcher_reads_them(name):
+    """As far as a machine without GPUs (or DeepSpeed) goes: accelerate's launcher reads each file, and the
+    environment it would give `modification train` names the sharding the file means."""
+    from importlib.resources import files
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = files("modification.conversion") / "accelerate_configs" / f"{name}.yaml"
+    argv = ["--config_file", str(path), "--num_processes", "2", "-m", "modification.cli", "train"]
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    assert args.mixed_precision == "bf16" and args.num_processes == 2
+    if name == "fsdp":
+        assert args.use_fsdp and not args.use_deepspeed
+        env = prepare_multi_gpu_env(args)
+        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "MoDDecoderLayer"
+        assert env["FSDP_USE_ORIG_PARAMS"] == "true" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    else:
+        assert args.use_deepspeed and not args.use_fsdp
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as `launch` sets it
+        _, env = prepare_deepspeed_cmd_env(args)
+        assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+        assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == name[-1]
+        # accumulation and clipping left to the Trainer (DeepSpeed's "auto"), so --grad-accum holds
+        assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and "ACCELERATE_GRADIENT_CLIPPING" not in env
