@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from modification.conversion import train as train_module
+from modification.conversion.checkpoint import load_mod_model
 from modification.conversion.convert import convert_model
 from modification.conversion.settings import DEFAULT_STEPS, TrainSettings
 from modification.conversion.steps import SettingsError
@@ -20,7 +21,9 @@ from modification.conversion.train import (
     Objective,
     RoutingStatsTrainer,
     _prepare_model,
+    configure_objective,
     distillation_kl,
+    gathered_model,
     running_dense,
     train,
 )
@@ -254,3 +257,28 @@ def test_shipped_accelerate_configs_parse_as_the_launcher_reads_them(name):
         assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == name[-1]
         # accumulation and clipping left to the Trainer (DeepSpeed's "auto"), so --grad-accum holds
         assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and "ACCELERATE_GRADIENT_CLIPPING" not in env
+
+
+def test_sharded_runs_rebuild_the_trained_model_whole_from_the_gathered_weights(text_ckpt, tmp_path):
+    """What FSDP / DeepSpeed runs do for the final checkpoint, on one process (where accelerate's get_state_dict is
+    the model's own state dict): a fresh copy of the run's model, with the run's routing objective, holds the trained
+    weights and computes what the trained model computes."""
+    mod, _, _ = text_ckpt
+    settings = _settings(mod, tmp_path / "out", "unused.txt", recipe="lora", kv_fraction=0.8)
+    model, _ = load_mod_model(str(mod), dtype=torch.float32)
+    configure_objective(model.config, settings)
+    model = _prepare_model(model, settings)
+    with torch.no_grad():  # as training leaves them: adapters and routers away from their start
+        for name, param in model.named_parameters():
+            if "lora_B" in name or ".router." in name:
+                param.normal_(0, 0.1)
+    trainer = _trainer(model, tmp_path)
+    assert gathered_model(trainer, settings) is model  # unsharded: the trained model itself
+    trainer.is_fsdp_enabled = True
+    whole = gathered_model(trainer, settings)
+    assert whole is not model and whole.config.load_loss_target == pytest.approx([0.6, 0.6])
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        assert torch.equal(whole.eval()(input_ids=ids).logits, expected)
+        assert torch.allclose(whole.merge_and_unload()(input_ids=ids).logits, expected, atol=1e-5)

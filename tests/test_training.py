@@ -176,6 +176,13 @@ def test_two_process_accelerate_run(text_ckpt, tmp_path):
         assert torch.isfinite(model(ids).logits).all()
     saved = tmp_path / "ddp-checkpoints" / "checkpoint-2"
     assert (saved / "trainer_state.json").is_file() and (saved / "adapter_model.safetensors").is_file()
+    # a time budget stops both processes at the same step (the main process's clock decides), and the output is saved
+    cmd[cmd.index(str(tmp_path / "ddp"))] = str(tmp_path / "timed")
+    proc = subprocess.run([*cmd, "--max-minutes", "0.000001"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((tmp_path / "timed" / "results.json").read_text())["training"]
+    assert record["stopped_by"] == "max_minutes" and record["completed_steps"] == 1
+    assert (tmp_path / "timed-checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
 
 
 def test_bad_training_input_gives_clear_errors(text_ckpt, tmp_path, capsys):
