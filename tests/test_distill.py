@@ -282,3 +282,28 @@ def test_sharded_runs_rebuild_the_trained_model_whole_from_the_gathered_weights(
         expected = model.eval()(input_ids=ids).logits
         assert torch.equal(whole.eval()(input_ids=ids).logits, expected)
         assert torch.allclose(whole.merge_and_unload()(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_accumulated_micro_batches_train_as_one_batch(tmp_path):
+    """Every term is normalised over the tokens of the whole accumulated batch (`num_items_in_batch`), as the model
+    normalises the LM loss: two micro-batches of one sequence give the gradient of one batch of two (on a routed
+    model, where the KL and hidden-state terms are not 0; the routing objective, a product of per-batch means, is
+    left out)."""
+    model = routed_model("llama", load_loss_coef=0.0).train()
+    trainer = _trainer(model, tmp_path, lm_weight=0.5, hidden_mse_weight=0.5, hidden_mse_layers=(2,))
+    batch = _batch(2)
+    batch["labels"][0, :5] = -100  # unequal token counts per sequence: a per-micro-batch mean would weigh them wrong
+    tokens = (batch["labels"][..., 1:] != -100).sum()
+
+    def gradient(micro_batches):
+        model.zero_grad()
+        for micro in micro_batches:
+            trainer.compute_loss(model, micro, num_items_in_batch=tokens).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole = gradient([batch])
+    assert trainer._stats["kl_loss"] > 1e-3 and trainer._stats["hidden_mse"] > 1e-3
+    parts = gradient([{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)])
+    assert whole.keys() == parts.keys() and any(".router." in n for n in whole)
+    for name in whole:
+        assert torch.allclose(whole[name], parts[name], atol=1e-6, rtol=1e-4), name
