@@ -487,6 +487,7 @@ def train(settings: TrainSettings) -> Path:
     trainable = _prepare_model(model, settings)
 
     use_cuda = torch.cuda.is_available()
+    evaluating = bool(settings.eval_steps) and eval_set is not None
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=max_steps or UNBOUNDED_STEPS,
@@ -502,8 +503,9 @@ def train(settings: TrainSettings) -> Path:
         logging_first_step=True,
         save_steps=settings.save_steps,
         save_total_limit=2,
-        eval_strategy="steps" if settings.eval_steps and eval_set is not None else "no",
+        eval_strategy="steps" if evaluating else "no",
         eval_steps=settings.eval_steps,
+        eval_on_start=evaluating and not resume,  # the curve's first point: the model before training
         include_num_input_tokens_seen="all",  # every log line says how many tokens training has seen
         report_to=[],
         seed=settings.seed,

@@ -189,8 +189,9 @@ def test_token_budget_and_held_out_evaluation(text_ckpt, tmp_path):
     assert record["max_tokens"] == 300 and record["stopped_by"] == "steps"
     log = json.loads((out / "training_log.json").read_text())
     evals = [row for row in log if "eval_loss" in row]
-    assert [row["step"] for row in evals] == [2, 3]  # every eval_steps, and at the end
-    row = evals[0]
+    assert [row["step"] for row in evals] == [0, 2, 3]  # before training, every eval_steps, and at the end
+    assert evals[0]["num_input_tokens_seen"] == 0 and evals[0]["eval_kl_loss"] < 1e-6  # the model is its base
+    row = evals[1]
     assert row["eval_perplexity"] == pytest.approx(math.exp(row["eval_lm_loss"]))
     assert row["eval_kl_loss"] >= 0 and 0 < row["eval_kv_fraction"] <= 1
     assert row["num_input_tokens_seen"] == 2 * 128
