@@ -104,11 +104,32 @@ class Objective:
         return list(self.hidden_mse_layers) if self.hidden_mse_weight > 0 else None
 
 
+class DistillationKL(torch.autograd.Function):
+    """`T^2 * KL(teacher_T || student_T)` summed over the rows (tokens) of `[tokens, vocab]` logits, in float32, with
+    its gradient written out: `T * (p_student - p_teacher)` on the student's logits. That is exactly zero where the
+    two distributions are equal, as they are while the model still is its base; autograd's path through
+    `log_softmax` leaves a residue of order 1e-9 there, which Adam, dividing by the gradient's own scale, would turn
+    into steady steps of a tenth of the learning rate. Backward keeps one `[tokens, vocab]` tensor, not two."""
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        kl = temperature**2 * F.kl_div(student, teacher, log_target=True, reduction="sum")
+        ctx.save_for_backward(temperature * (student.exp_() - teacher.exp_()))
+        ctx.dtype = student_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return (grad * gradient).to(ctx.dtype), None, None
+
+
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`T^2 * KL(teacher_T || student_T)` summed over the rows (tokens) of `[tokens, vocab]` logits, in float32."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(student, teacher, log_target=True, reduction="sum")
+    """`T^2 * KL(teacher_T || student_T)` summed over the rows (tokens) of `[tokens, vocab]` logits (the teacher's
+    carry no gradient); see `DistillationKL`."""
+    return DistillationKL.apply(student_logits, teacher_logits.detach(), temperature)
 
 
 def hidden_state_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from modification.conversion.train import (
     configure_objective,
     distillation_kl,
     gathered_model,
+    load_teacher,
     running_dense,
     train,
 )
@@ -63,11 +64,14 @@ def _lora(model):
 def test_kl_is_zero_when_student_and_teacher_agree_and_positive_otherwise(tmp_path):
     batch = _batch()
     # a freshly converted model (exact gates; every token routed) with fresh LoRA adapters (B = 0) is its base
-    fresh = _lora(convert_model(tiny_base("llama")))
+    fresh = _lora(convert_model(tiny_base("llama"), load_loss_coef=0.0))
     trainer = _trainer(fresh, tmp_path, hidden_mse_weight=1.0, hidden_mse_layers=(2, -1))
-    trainer.compute_loss(fresh.train(), batch)
+    trainer.compute_loss(fresh.train(), batch).backward()
     assert trainer._stats["kl_loss"] < 1e-6 and trainer._stats["hidden_mse"] < 1e-6
     assert trainer._stats["lm_loss"] > 1.0  # the LM loss is computed (and logged) even at weight 0
+    # and nothing to learn: not a trace of gradient, which Adam would scale up to steps of the learning rate
+    grads = [p.grad for p in fresh.parameters() if p.requires_grad]
+    assert grads and all(g is None or not g.any() for g in grads)
     # a routed model (random routers: about half the tokens skip each routed layer) is not its dense base
     routed = routed_model("llama")
     trainer = _trainer(routed, tmp_path, hidden_mse_weight=1.0, hidden_mse_layers=(-1,))
@@ -77,13 +81,17 @@ def test_kl_is_zero_when_student_and_teacher_agree_and_positive_otherwise(tmp_pa
     loss.backward()  # the KL term reaches the routers, through their gates
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
                for m in routed.modules() if isinstance(m, MoDRouter))
-    # the term itself: zero for equal logits, T^2 * KL otherwise
+    # the term itself: zero for equal logits, T^2 * KL otherwise, with autograd's gradient
     logits = torch.randn(5, 11)
     assert distillation_kl(logits, logits, 2.0).item() == 0.0
-    other = torch.randn(5, 11)
-    expected = sum(4.0 * torch.sum(p * (p.log() - q.log())) for p, q in
-                   zip(torch.softmax(other / 2, -1), torch.softmax(logits / 2, -1)))
-    assert distillation_kl(logits, other, 2.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    student, teacher = torch.randn(5, 11, requires_grad=True), torch.randn(5, 11)
+    p, q = torch.softmax(teacher / 2, -1), torch.log_softmax(student / 2, -1)
+    expected = 4.0 * torch.sum(p * (p.log() - q))
+    kl = distillation_kl(student, teacher, 2.0)
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+    (ours,) = torch.autograd.grad(kl, student)
+    (autograd,) = torch.autograd.grad(expected, student)
+    assert torch.allclose(ours, autograd, atol=1e-6)
 
 
 def test_the_teacher_pass_updates_nothing_and_shares_the_students_weights(tmp_path):
@@ -130,6 +138,26 @@ def test_training_lora_with_self_distillation_loads_no_teacher(text_ckpt, tmp_pa
     assert log[0]["kl_loss"] < 1e-6  # step 1: fresh adapters, every token routed: the student is the teacher
     # (whose gradient is then zero: the KL term only acts once the routers, held to the budget, skip tokens)
     assert log[-1]["kv_fraction"] < 1.0 and log[-1]["kl_loss"] > 1e-6
+
+
+def test_the_full_recipe_distils_from_a_frozen_copy_of_the_start(text_ckpt, tmp_path, monkeypatch):
+    mod, train_file, _ = text_ckpt
+    loaded = []
+
+    def spy(folder):
+        teacher = load_teacher(folder)
+        loaded.append((folder, teacher, {n: p.clone() for n, p in teacher.named_parameters()}))
+        return teacher
+
+    monkeypatch.setattr(train_module, "load_teacher", spy)
+    out = train(_settings(mod, tmp_path / "out", train_file, recipe="full", steps=2, learning_rate=1e-2))
+    [(folder, teacher, before)] = loaded  # full training moves the weights the model's own dense pass would run
+    assert folder == mod and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())  # the teacher stays the start
+    log = [row for row in json.loads((out / "training_log.json").read_text()) if "kl_loss" in row]
+    assert log[0]["kl_loss"] < 1e-6
+    after = load_file(out / "model.safetensors")
+    assert not torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_a_separate_teacher_and_its_vocabulary(text_ckpt, tmp_path):
