@@ -15,10 +15,11 @@ bistable (too weak and the model stays dense, too strong and every gate shuts); 
 of a `RoutingPlan` (the checkpoint's, a fit's, or it brought to `kv_fraction` / `flop_fraction`) turns it into a
 controller that settles at the budget (see `MoDConfig.load_loss_target`).
 
-A run lasts `steps`, `max_tokens` or `max_minutes`, whichever it reaches first (`TimeBudget` stops it cleanly, with a
-checkpoint); `resume` continues from the last complete checkpoint; held-out evaluation logs each term and the
-perplexity, and `plot_held_out` draws them against the tokens seen. The same code runs under `accelerate launch`
-(DDP, FSDP, DeepSpeed; configs in `accelerate_configs/`).
+A run lasts `steps`, `max_tokens` or `max_minutes`, whichever it reaches first; `CleanStop` ends it at the end of a
+step, with a checkpoint and the output, at `max_minutes` or on Ctrl-C / SIGTERM; `resume` continues from the last
+complete checkpoint; held-out evaluation logs each term and the perplexity, and `plot_held_out` draws them against
+the tokens seen. The same code runs under `accelerate launch` (DDP, FSDP, DeepSpeed; configs in
+`accelerate_configs/`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -164,15 +167,38 @@ def running_dense(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             model.train(training)
 
 
-class TimeBudget(TrainerCallback):
-    """Stops training `minutes` after this run's first step, at the end of a step, asking for a checkpoint, a log line
-    and (where evaluation is on) an evaluation there. The main process's clock decides and every process follows it
-    (a broadcast per step), so that all stop at the same step."""
+class CleanStop(TrainerCallback):
+    """Stops training at the end of a step, asking for a checkpoint, a log line and (where evaluation is on) an
+    evaluation there, when `minutes` have passed since this run's first step or the process got SIGINT (Ctrl-C) or
+    SIGTERM (a scheduler's preemption) while `catching_signals`; a second signal interrupts at once. The main
+    process decides and every process follows it (a broadcast per step), so that all stop at the same step.
+    `stopped_by`: "max_minutes", the signal's name, or None."""
 
-    def __init__(self, minutes: float):
-        self.seconds = minutes * 60.0
+    def __init__(self, minutes: float | None = None):
+        self.seconds = None if minutes is None else minutes * 60.0
         self.start = time.monotonic()
-        self.reached = False
+        self.signal: str | None = None
+        self.stopped_by: str | None = None
+
+    @contextmanager
+    def catching_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum, frame):
+            self.signal = signal.Signals(signum).name
+            for sig, handler in previous.items():  # the next signal acts as it would have
+                signal.signal(sig, handler)
+
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
@@ -180,9 +206,11 @@ class TimeBudget(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         from accelerate.utils import broadcast
 
-        over = torch.tensor([int(time.monotonic() - self.start >= self.seconds)], device=args.device)
-        if int(broadcast(over, from_process=0).item()) and not control.should_training_stop:
-            self.reached = True
+        over_time = self.seconds is not None and time.monotonic() - self.start >= self.seconds
+        reason = 2 if self.signal is not None else int(over_time)  # the main process's, for every process
+        reason = int(broadcast(torch.tensor([reason], device=args.device), from_process=0).item())
+        if reason and not control.should_training_stop:
+            self.stopped_by = "max_minutes" if reason == 1 else (self.signal or "signal")
             control.should_training_stop = control.should_save = control.should_log = True
             control.should_evaluate = args.eval_strategy != IntervalStrategy.NO
         return control
@@ -554,11 +582,11 @@ def train(settings: TrainSettings) -> Path:
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
-    time_budget = TimeBudget(settings.max_minutes) if settings.max_minutes is not None else None
-    if time_budget is not None:
-        trainer.add_callback(time_budget)
+    stop = CleanStop(settings.max_minutes)
+    trainer.add_callback(stop)
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=last if resume else None)
+    with stop.catching_signals():
+        result = trainer.train(resume_from_checkpoint=last if resume else None)
     minutes = (time.monotonic() - started) / 60
 
     trained = gathered_model(trainer, settings)
@@ -574,8 +602,7 @@ def train(settings: TrainSettings) -> Path:
             final.config.calibration = {"fit": fit, "stale": True} if fit else None
             save_checkpoint(final, tmp, companions_from=folder)
             record = training_record(settings, trainer, result)
-            record.update(stopped_by="max_minutes" if time_budget is not None and time_budget.reached else "steps",
-                          minutes=round(minutes, 2))
+            record.update(stopped_by=stop.stopped_by or "steps", minutes=round(minutes, 2))
             if settings.teacher is not None:
                 record["teacher"] = settings.teacher  # made public (a local folder by its name) with the record
             if resume:

@@ -336,3 +336,26 @@ def test_accumulated_micro_batches_train_as_one_batch(tmp_path):
     assert whole.keys() == parts.keys() and any(".router." in n for n in whole)
     for name in whole:
         assert torch.allclose(whole[name], parts[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_ctrl_c_stops_at_the_end_of_the_step_and_saves(text_ckpt, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    mod, train_file, _ = text_ckpt
+    step = RoutingStatsTrainer.training_step
+    calls = []
+
+    def interrupted_step(self, *args, **kwargs):  # Ctrl-C in the middle of the second step
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(RoutingStatsTrainer, "training_step", interrupted_step)
+    handler = signal.getsignal(signal.SIGINT)
+    out = train(_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=50))
+    record = json.loads((out / "results.json").read_text())["training"]
+    assert record["stopped_by"] == "SIGINT" and record["completed_steps"] == 2
+    assert (tmp_path / "out-checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
