@@ -140,6 +140,21 @@ def test_training_lora_with_self_distillation_loads_no_teacher(text_ckpt, tmp_pa
     assert log[-1]["kv_fraction"] < 1.0 and log[-1]["kl_loss"] > 1e-6
 
 
+def test_the_lm_loss_alone_needs_no_teacher_pass(text_ckpt, tmp_path, monkeypatch):
+    mod, train_file, _ = text_ckpt
+
+    def no_teacher(self, model, inputs):
+        raise AssertionError("a teacher pass without a term that uses it")
+
+    monkeypatch.setattr(RoutingStatsTrainer, "teacher_outputs", no_teacher)
+    out = train(_settings(mod, tmp_path / "out", train_file, recipe="full", steps=2, distill_weight=0.0,
+                          lm_weight=1.0, eval_steps=1, eval_fraction=0.05))
+    log = json.loads((out / "training_log.json").read_text())
+    assert all("kl_loss" not in row and "eval_kl_loss" not in row for row in log)
+    train_rows = [row for row in log if "lm_loss" in row]
+    assert train_rows[0]["loss"] == pytest.approx(train_rows[0]["lm_loss"] + train_rows[0]["routing_loss"], rel=1e-4)
+
+
 def test_the_full_recipe_distils_from_a_frozen_copy_of_the_start(text_ckpt, tmp_path, monkeypatch):
     mod, train_file, _ = text_ckpt
     loaded = []
