@@ -112,27 +112,38 @@ class DistillationKL(torch.autograd.Function):
     its gradient written out: `T * (p_student - p_teacher)` on the student's logits. That is exactly zero where the
     two distributions are equal, as they are while the model still is its base; autograd's path through
     `log_softmax` leaves a residue of order 1e-9 there, which Adam, dividing by the gradient's own scale, would turn
-    into steady steps of a tenth of the learning rate. Backward keeps one `[tokens, vocab]` tensor, not two."""
+    into steady steps of a tenth of the learning rate. The rows go `rows_per_chunk` at a time, and backward keeps one
+    `[tokens, vocab]` tensor (the gradient, in the logits' dtype), not the two distributions."""
 
     @staticmethod
-    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-        kl = temperature**2 * F.kl_div(student, teacher, log_target=True, reduction="sum")
-        ctx.save_for_backward(temperature * (student.exp_() - teacher.exp_()))
-        ctx.dtype = student_logits.dtype
-        return kl
+    def forward(ctx, student_logits, teacher_logits, temperature: float, rows_per_chunk: int):
+        gradient = torch.empty_like(student_logits)
+        kl = student_logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, student_logits.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            student = F.log_softmax(student_logits[rows].float() / temperature, dim=-1)
+            teacher = F.log_softmax(teacher_logits[rows].float() / temperature, dim=-1)
+            kl += F.kl_div(student, teacher, log_target=True, reduction="sum")
+            gradient[rows] = (temperature * (student.exp_() - teacher.exp_())).to(gradient.dtype)
+        ctx.save_for_backward(gradient)
+        return temperature**2 * kl
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (gradient,) = ctx.saved_tensors
-        return (grad * gradient).to(ctx.dtype), None, None
+        return grad.to(gradient.dtype) * gradient, None, None, None
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+# Rows (tokens) of logits the KL term takes at once: bounds its float32 temporaries to a few of
+# [KL_ROWS_PER_CHUNK, vocab] (1 GiB each at 128k tokens of vocabulary).
+KL_ROWS_PER_CHUNK = 2048
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    rows_per_chunk: int = KL_ROWS_PER_CHUNK) -> torch.Tensor:
     """`T^2 * KL(teacher_T || student_T)` summed over the rows (tokens) of `[tokens, vocab]` logits (the teacher's
     carry no gradient); see `DistillationKL`."""
-    return DistillationKL.apply(student_logits, teacher_logits.detach(), temperature)
+    return DistillationKL.apply(student_logits, teacher_logits.detach(), temperature, rows_per_chunk)
 
 
 def hidden_state_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

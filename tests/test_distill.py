@@ -92,6 +92,9 @@ def test_kl_is_zero_when_student_and_teacher_agree_and_positive_otherwise(tmp_pa
     (ours,) = torch.autograd.grad(kl, student)
     (autograd,) = torch.autograd.grad(expected, student)
     assert torch.allclose(ours, autograd, atol=1e-6)
+    chunked = distillation_kl(student, teacher, 2.0, rows_per_chunk=2)  # the rows a few at a time: the same
+    assert chunked.item() == pytest.approx(kl.item(), rel=1e-6)
+    assert torch.allclose(torch.autograd.grad(chunked, student)[0], ours, atol=1e-7)
 
 
 def test_the_teacher_pass_updates_nothing_and_shares_the_students_weights(tmp_path):
