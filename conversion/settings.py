@@ -5,6 +5,7 @@ are these fields), and the fields several steps declare alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
@@ -212,6 +213,9 @@ RECIPES = {
 # in two steps. From fitted routers, routers only need to follow the LoRA-adapted layers slowly.
 DEFAULT_LEARNING_RATE = {"routers": 1e-4, "lora": 1e-4, "full": 3e-5}
 
+# Optimizer steps of a training run given no budget (`steps`, `max_tokens` or `max_minutes`).
+DEFAULT_STEPS = 200
+
 
 @dataclass
 class TrainSettings(BudgetSettings, DataSettings):
@@ -231,7 +235,13 @@ class TrainSettings(BudgetSettings, DataSettings):
     progress: bool = progress_setting()
     recipe: str = setting("lora", "routers: routers only; lora: routers + LoRA on attention/MLP, merged at the end; "
                                   "full: every weight (the paper's recipe)", choices=tuple(RECIPES))
-    steps: int = setting(200, "optimizer steps")
+    steps: int | None = setting(None, "optimizer steps (default: 200 when neither max_tokens nor max_minutes is "
+                                      "given); with them, the run stops at whichever budget it reaches first")
+    max_tokens: int | None = setting(None, "training tokens (over every process): as many optimizer steps as reach "
+                                           "them; with steps or max_minutes, the run stops at whichever comes first")
+    max_minutes: float | None = setting(None, "stop cleanly after this many minutes of training (this run's: a resumed "
+                                              "run gets it afresh), saving a checkpoint and the output as usual; "
+                                              "alone, the learning rate stays constant after warm-up")
     seq_len: int = setting(512, "training sequence length (tokens per packed block)")
     batch_size: int = setting(8, "sequences per device per step")
     grad_accum: int = setting(1, "gradient accumulation steps")
@@ -241,6 +251,18 @@ class TrainSettings(BudgetSettings, DataSettings):
     warmup_steps: int = setting(0, "linear warm-up steps")
     weight_decay: float = setting(0.0, "AdamW weight decay of the non-router weights")
     load_loss_coef: float | None = setting(None, "alpha of the layer-load objective (default: the checkpoint's)")
+    distill_weight: float = setting(1.0, "weight of the KL divergence from the teacher's next-token distribution "
+                                         "(the dense base: self-distillation), at distill_temperature")
+    distill_temperature: float = setting(2.0, "temperature of both distributions of the KL term (scaled by T^2)")
+    lm_weight: float = setting(0.0, "weight of the LM loss on the text's next tokens")
+    hidden_mse_weight: float = setting(0.0, "weight of the hidden-state error at hidden_mse_layers: squared error "
+                                            "over the teacher's squared norm, per token (scale-free)")
+    hidden_mse_layers: list[int] = setting([], "hidden states the error compares, as transformers numbers them (0: "
+                                               "the embeddings, i: layer i-1's output, -1: the final normed state)")
+    teacher: str | None = setting(None, "the teacher: a MoD checkpoint (run dense), a base folder or Hub id, or a "
+                                        "fetch-base name (default: the trained model itself with routing dense and "
+                                        "adapters off; for the full recipe, a frozen copy of --model)",
+                                  recorded=False)
     lora_r: int = setting(16, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA alpha")
     lora_dropout: float = setting(0.0, "LoRA dropout")
@@ -256,9 +278,36 @@ class TrainSettings(BudgetSettings, DataSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "save_steps", "logging_steps"):
-            self.check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("steps", "max_tokens", "seq_len", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+            value = getattr(self, name)
+            self.check(value is None or value >= 1, f"{name} must be at least 1, got {value}")
+        self.check(self.max_minutes is None or self.max_minutes > 0,
+                   f"max_minutes must be positive, got {self.max_minutes}")
         self.check(0.0 <= self.eval_fraction < 1.0, f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
+        weights = ("lm_weight", "distill_weight", "hidden_mse_weight")
+        for name in weights:
+            self.check(getattr(self, name) >= 0, f"{name} must be non-negative, got {getattr(self, name)}")
+        self.check(any(getattr(self, name) > 0 for name in weights),
+                   "lm_weight, distill_weight and hidden_mse_weight are all zero: nothing to train on (the routing "
+                   "objective alone only moves gates)")
+        self.check(self.distill_temperature > 0,
+                   f"distill_temperature must be positive, got {self.distill_temperature}")
+        self.check(self.hidden_mse_weight == 0 or self.hidden_mse_layers,
+                   "hidden_mse_layers must name at least one hidden state when hidden_mse_weight is positive")
+        self.check(self.teacher is None or self.uses_teacher(),
+                   "teacher is given but distill_weight and hidden_mse_weight are zero: nothing would use it")
+
+    def uses_teacher(self) -> bool:
+        """Whether the objective needs the teacher's forward pass."""
+        return self.distill_weight > 0 or self.hidden_mse_weight > 0
+
+    def max_steps(self, tokens_per_step: int) -> int | None:
+        """The optimizer steps the step and token budgets allow (the smaller), 200 when no budget is given, or None
+        when only `max_minutes` bounds the run."""
+        budgets = [b for b in (self.steps, self.max_tokens and math.ceil(self.max_tokens / tokens_per_step)) if b]
+        if budgets:
+            return min(budgets)
+        return None if self.max_minutes is not None else DEFAULT_STEPS
 
 
 @dataclass

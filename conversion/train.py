@@ -1,28 +1,61 @@
-"""Router training with the transformers Trainer and peft: `routers`, `lora` (default) and `full` recipes.
+"""Router training with the transformers Trainer and peft: `routers`, `lora` (default) and `full` recipes, healing a
+converted model by self-distillation from its base.
 
-The loss is the model's own: LM loss plus the routing objective (layer-load objective for threshold routing, BCE for
-top-k). Per-layer routed fractions and mean gates are logged from the first step, because the layer-load objective is
+The loss (`Objective`) is, by default, the KL divergence from the teacher's next-token distribution at temperature 2
+(times T^2), plus the model's routing objective (layer-load objective for threshold routing, BCE for top-k); the LM
+loss on the text and a hidden-state error at chosen layers can be mixed in (`lm_weight`, `hidden_mse_weight`). The
+teacher is the base the model was made from: the same weights with every router's `override="run"` and LoRA
+adapters disabled (`running_dense`), run under `no_grad` in the same step, so that memory holds one copy of the
+weights (the `full` recipe, which moves those weights, and a `teacher` setting load a frozen one). Distillation is the
+default because healing should bring back the base's behaviour rather than fit the healing text (Minitron, arXiv
+2407.14679; SwiftKV, arXiv 2410.03960; README, "Training defaults").
+
+Per-layer routed fractions and mean gates are logged from the first step, because the layer-load objective is
 bistable (too weak and the model stays dense, too strong and every gate shuts); holding each routed layer at its share
 of a `RoutingPlan` (the checkpoint's, a fit's, or it brought to `kv_fraction` / `flop_fraction`) turns it into a
 controller that settles at the budget (see `MoDConfig.load_loss_target`).
-"""
 
+A run lasts `steps`, `max_tokens` or `max_minutes`, whichever it reaches first; `CleanStop` ends it at the end of a
+step, with a checkpoint and the output, at `max_minutes` or on Ctrl-C / SIGTERM; `resume` continues from the last
+complete checkpoint; held-out evaluation logs each term and the perplexity, and `plot_held_out` draws them against
+the tokens seen. The same code runs under `accelerate launch` (DDP, FSDP, DeepSpeed; configs in
+`accelerate_configs/`).
+"""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+import shutil
+import signal
+import threading
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 
-from modification.modeling import MoDForCausalLM
+from modification.modeling import MoDConfig, MoDForCausalLM
+from modification.modeling.modeling_mod import MoDRouter
 
 from .atomic import atomic_output_dir
+from .bases import base_path
 from .budget import checkpoint_plan
 from .checkpoint import (
     fastest_attn_implementation,
@@ -35,20 +68,179 @@ from .data import PackedBlocks, load_blocks, mix_blocks, split_blocks
 from .local_paths import data_names
 from .results import RESULTS_FILENAME, update_results
 from .settings import DEFAULT_LEARNING_RATE, TrainSettings
+from .steps import SettingsError
 
 logger = logging.getLogger(__name__)
+
+# `max_steps` of a run that only `max_minutes` bounds (the Trainer needs a number).
+UNBOUNDED_STEPS = 10**9
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class RoutingStatsTrainer(Trainer):
-    """A Trainer that logs per-layer routed fractions and mean gates, and gives routers their own learning rate."""
+@dataclass(frozen=True)
+class Objective:
+    """What `modification train` minimises, besides the model's routing objective (which it always adds): the
+    weighted sum of the LM loss, the KL divergence from the teacher's next-token distribution at `distill_temperature`
+    (times T^2, so that its gradients keep their scale across temperatures) and the hidden-state error at
+    `hidden_mse_layers`. Each term is a sum over the scored tokens (those whose next token is a label) divided by the
+    tokens of the whole accumulated, distributed batch, as the Trainer normalises the LM loss."""
 
-    def __init__(self, *args, router_learning_rate: float = 1e-4, **kwargs):
+    lm_weight: float
+    distill_weight: float
+    distill_temperature: float
+    hidden_mse_weight: float
+    hidden_mse_layers: tuple[int, ...]
+
+    @classmethod
+    def from_settings(cls, settings: TrainSettings) -> Objective:
+        return cls(settings.lm_weight, settings.distill_weight, settings.distill_temperature,
+                   settings.hidden_mse_weight, tuple(settings.hidden_mse_layers))
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.distill_weight > 0 or self.hidden_mse_weight > 0
+
+    @property
+    def hidden_states(self) -> list[int] | None:
+        """The hidden states to return (transformers' `output_hidden_states` indices), or None."""
+        return list(self.hidden_mse_layers) if self.hidden_mse_weight > 0 else None
+
+
+class DistillationKL(torch.autograd.Function):
+    """`T^2 * KL(teacher_T || student_T)` summed over the rows (tokens) of `[tokens, vocab]` logits, in float32, with
+    its gradient written out: `T * (p_student - p_teacher)` on the student's logits. That is exactly zero where the
+    two distributions are equal, as they are while the model still is its base; autograd's path through
+    `log_softmax` leaves a residue of order 1e-9 there, which Adam, dividing by the gradient's own scale, would turn
+    into steady steps of a tenth of the learning rate. The rows go `rows_per_chunk` at a time, and backward keeps one
+    `[tokens, vocab]` tensor (the gradient, in the logits' dtype), not the two distributions."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature: float, rows_per_chunk: int):
+        gradient = torch.empty_like(student_logits)
+        kl = student_logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, student_logits.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            student = F.log_softmax(student_logits[rows].float() / temperature, dim=-1)
+            teacher = F.log_softmax(teacher_logits[rows].float() / temperature, dim=-1)
+            kl += F.kl_div(student, teacher, log_target=True, reduction="sum")
+            gradient[rows] = (temperature * (student.exp_() - teacher.exp_())).to(gradient.dtype)
+        ctx.save_for_backward(gradient)
+        return temperature**2 * kl
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return grad.to(gradient.dtype) * gradient, None, None, None
+
+
+# Rows (tokens) of logits the KL term takes at once: bounds its float32 temporaries to a few of
+# [KL_ROWS_PER_CHUNK, vocab] (1 GiB each at 128k tokens of vocabulary).
+KL_ROWS_PER_CHUNK = 2048
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    rows_per_chunk: int = KL_ROWS_PER_CHUNK) -> torch.Tensor:
+    """`T^2 * KL(teacher_T || student_T)` summed over the rows (tokens) of `[tokens, vocab]` logits (the teacher's
+    carry no gradient); see `DistillationKL`."""
+    return DistillationKL.apply(student_logits, teacher_logits.detach(), temperature, rows_per_chunk)
+
+
+def hidden_state_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """`||s - t||^2 / ||t||^2` summed over the rows (tokens) of `[tokens, hidden]` states: the squared error relative
+    to the teacher's norm, so that its weight means the same at every layer (Llama's residual stream grows with depth,
+    and its first tokens carry outsized activations)."""
+    student, teacher = student.float(), teacher.float()
+    return ((student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp(min=1e-6)).sum()
+
+
+@contextmanager
+def running_dense(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` as the teacher: the base it was made from. A MoD model, its peft wrapper, or either wrapped for
+    distributed training (the wrapper's forward is the one to call) runs with every router's `override="run"` (every
+    token runs every layer, ungated: the dense base), its LoRA adapters disabled (peft's `disable_adapter`) and in
+    eval mode (no dropout, no activation checkpointing). The weights are the model's own: nothing is copied. A plain
+    base model only switches to eval mode."""
+    from peft import PeftModel
+
+    routers = [m for m in model.modules() if isinstance(m, MoDRouter)]
+    adapters = next((m for m in model.modules() if isinstance(m, PeftModel)), None)
+    overrides, training = [router.override for router in routers], model.training
+    with adapters.disable_adapter() if adapters is not None else nullcontext():
+        try:
+            for router in routers:
+                router.override = "run"
+            model.eval()
+            yield model
+        finally:
+            for router, override in zip(routers, overrides):
+                router.override = override
+            model.train(training)
+
+
+class CleanStop(TrainerCallback):
+    """Stops training at the end of a step, asking for a checkpoint, a log line and (where evaluation is on) an
+    evaluation there, when `minutes` have passed since this run's first step or the process got SIGINT (Ctrl-C) or
+    SIGTERM (a scheduler's preemption) while `catching_signals`; a second signal interrupts at once. The main
+    process decides and every process follows it (a broadcast per step), so that all stop at the same step.
+    `stopped_by`: "max_minutes", the signal's name, or None."""
+
+    def __init__(self, minutes: float | None = None):
+        self.seconds = None if minutes is None else minutes * 60.0
+        self.start = time.monotonic()
+        self.signal: str | None = None
+        self.stopped_by: str | None = None
+
+    @contextmanager
+    def catching_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum, frame):
+            self.signal = signal.Signals(signum).name
+            for sig, handler in previous.items():  # the next signal acts as it would have
+                signal.signal(sig, handler)
+
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from accelerate.utils import broadcast
+
+        over_time = self.seconds is not None and time.monotonic() - self.start >= self.seconds
+        reason = 2 if self.signal is not None else int(over_time)  # the main process's, for every process
+        reason = int(broadcast(torch.tensor([reason], device=args.device), from_process=0).item())
+        if reason and not control.should_training_stop:
+            self.stopped_by = "max_minutes" if reason == 1 else (self.signal or "signal")
+            control.should_training_stop = control.should_save = control.should_log = True
+            control.should_evaluate = args.eval_strategy != IntervalStrategy.NO
+        return control
+
+
+class RoutingStatsTrainer(Trainer):
+    """The Trainer of `modification train`: its loss is the `Objective` plus the model's routing objective, with the
+    teacher's pass (`running_dense` on the trained model itself, or a separate `teacher`) under `no_grad`; it logs
+    each term, the KV fraction and per-layer routed fractions and mean gates, in training and on the held-out blocks
+    (with the perplexity there), and gives routers their own learning rate."""
+
+    def __init__(self, *args, objective: Objective, teacher: torch.nn.Module | None = None,
+                 router_learning_rate: float = 1e-4, **kwargs):
         super().__init__(*args, **kwargs)
+        self.objective, self.teacher = objective, teacher
         self.router_learning_rate = router_learning_rate
         self._stats: dict[str, float] = {}
         self._stats_count = 0
+        self._eval_sums: dict[str, float] = {}
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -63,23 +255,54 @@ class RoutingStatsTrainer(Trainer):
                                                eps=self.args.adam_epsilon)
         return self.optimizer
 
+    @torch.no_grad()
+    def teacher_outputs(self, model: torch.nn.Module, inputs: dict):
+        """The teacher's logits (and the hidden states the objective compares) for `inputs`: the trained model's own
+        weights run dense (`running_dense`), or the separate teacher's."""
+        teacher = self.teacher if self.teacher is not None else model
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        with running_dense(teacher):
+            return teacher(**inputs, use_cache=False, output_hidden_states=self.objective.hidden_states)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, "output_router_decisions": True}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        objective = self.objective
+        scored = inputs["labels"][..., 1:] != -100  # positions whose next token is scored, as by the LM loss
+        n_scored = scored.sum()
+        teacher = self.teacher_outputs(model, inputs) if objective.uses_teacher else None
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        else:
+            num_items_in_batch = None
+        outputs = model(**inputs, output_router_decisions=True, output_hidden_states=objective.hidden_states)
+        # the LM loss comes normalised by `denominator`; every term here is too (sum over this batch / denominator)
+        denominator = num_items_in_batch if num_items_in_batch is not None else n_scored.clamp(min=1)
+        sums = {"lm_loss": outputs.lm_loss.detach() * denominator}
+        # the model's loss is the LM loss plus the routing objective, already weighted for accumulation
+        loss = objective.lm_weight * outputs.lm_loss + (outputs.loss - outputs.lm_loss)
+        if objective.distill_weight > 0:
+            kl = distillation_kl(outputs.logits[:, :-1][scored], teacher.logits[:, :-1][scored],
+                                 objective.distill_temperature)
+            loss = loss + objective.distill_weight * kl / denominator
+            sums["kl_loss"] = kl.detach()
+        if objective.hidden_mse_weight > 0:
+            error = sum(hidden_state_error(outputs.hidden_states[i][:, :-1][scored],
+                                           teacher.hidden_states[i][:, :-1][scored])
+                        for i in objective.hidden_mse_layers) / len(objective.hidden_mse_layers)
+            loss = loss + objective.hidden_mse_weight * error / denominator
+            sums["hidden_mse"] = error.detach()
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as Trainer.compute_loss: the denominator counts every process's tokens, and DDP averages gradients
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
         if model.training:
-            lm_loss = outputs.lm_loss
-            if lm_loss is not None and num_items_in_batch is not None:
-                # the model normalised by the tokens of the whole accumulated batch; log this batch's mean
-                local = (inputs["labels"][..., 1:] != -100).sum().clamp(min=1)
-                lm_loss = lm_loss * num_items_in_batch / local
-            self._record(outputs, lm_loss)
+            self._record(outputs, {name: float(value / n_scored.clamp(min=1)) for name, value in sums.items()})
+        else:
+            self._record_eval(outputs, sums, n_scored)
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _record(self, outputs, lm_loss) -> None:
-        stats = {"kv_fraction": float(outputs.routed_fraction.mean())}  # K/V written over the dense model's
-        if lm_loss is not None:
-            stats["lm_loss"] = float(lm_loss)
+    def _record(self, outputs, terms: dict[str, float]) -> None:
+        stats = {"kv_fraction": float(outputs.routed_fraction.mean()), **terms}  # K/V written over the dense model's
         config = self.model.config
         if outputs.aux_loss is not None:  # raw, as Mixtral's: log the term the loss adds
             stats["routing_loss"] = float(config.router_aux_loss_coef * outputs.aux_loss)
@@ -90,11 +313,68 @@ class RoutingStatsTrainer(Trainer):
             self._stats[key] = self._stats.get(key, 0.0) + value
         self._stats_count += 1
 
+    @torch.no_grad()
+    def _record_eval(self, outputs, sums: dict[str, torch.Tensor], n_scored: torch.Tensor) -> None:
+        for name, value in sums.items():
+            self._eval_sums[name] += float(value)
+        self._eval_sums["tokens"] += float(n_scored)
+        self._eval_sums["kv_fraction"] += float(outputs.routed_fraction.mean())
+        self._eval_sums["batches"] += 1.0
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's loop, plus each term of the objective on the held-out blocks (per token, over every
+        process), the perplexity (of the LM loss) and the KV fraction."""
+        names = ["lm_loss", "tokens", "kv_fraction", "batches"]
+        names += ["kl_loss"] * (self.objective.distill_weight > 0)
+        names += ["hidden_mse"] * (self.objective.hidden_mse_weight > 0)
+        self._eval_sums = dict.fromkeys(names, 0.0)  # the same keys on every process, batches or not
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        totals = torch.tensor([self._eval_sums[n] for n in names], dtype=torch.float64, device=self.args.device)
+        totals = dict(zip(names, self.accelerator.reduce(totals, reduction="sum").tolist()))
+        if totals["tokens"]:
+            for name in names[4:] + ["lm_loss"]:
+                output.metrics[f"{metric_key_prefix}_{name}"] = totals[name] / totals["tokens"]
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(totals["lm_loss"] / totals["tokens"])
+            output.metrics[f"{metric_key_prefix}_kv_fraction"] = totals["kv_fraction"] / totals["batches"]
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats_count:
             logs.update({k: round(v / self._stats_count, 5) for k, v in self._stats.items()})
             self._stats, self._stats_count = {}, 0
         super().log(logs, start_time)
+
+
+def configure_objective(config: MoDConfig, settings: TrainSettings) -> None:
+    """The routing objective of the run in the model's `config`: `load_loss_coef`, and with a budget or a fit's plan,
+    the share of the plan each routed layer is held at (`load_loss_target`)."""
+    if settings.load_loss_coef is not None:
+        config.load_loss_coef = settings.load_loss_coef
+    budget = settings.budget()
+    if budget is not None or config.routing_plan is not None:
+        # hold each routed layer at its share of the plan: the checkpoint's (a fit's), brought to the budget if given
+        plan = checkpoint_plan(config)
+        plan = budget.scale(plan, config) if budget is not None else plan
+        config.routing_plan = plan.to_dict()
+        config.load_loss_target = list(plan.routed_share)
+    config.validate()
+
+
+def gathered_model(trainer: Trainer, settings: TrainSettings):
+    """The trained model whole, for the final checkpoint. Where FSDP or DeepSpeed shard the weights, every process
+    takes part in gathering them (`Accelerator.get_state_dict`) and the main process loads them into a fresh,
+    unsharded copy of the run's model; elsewhere, the trained model itself."""
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return trainer.model
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    model, _ = load_mod_model(settings.model, dtype=torch.float32)
+    configure_objective(model.config, settings)
+    model = _prepare_model(model, settings)
+    model.load_state_dict(state)
+    return model
 
 
 def _prepare_model(model: MoDForCausalLM, settings: TrainSettings):
@@ -123,13 +403,89 @@ def default_checkpoint_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + "-checkpoints")
 
 
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The latest `checkpoint-N` folder the Trainer finished writing. The Trainer writes a checkpoint in place, with
+    `trainer_state.json` last, and removes older ones (beyond `save_total_limit`) only after that: a folder without
+    it is one a killed run left half-written, and the one before it is intact."""
+    complete = [p for p in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / TRAINER_STATE_NAME).is_file()]
+    complete = [p for p in complete if p.name.split("-")[-1].isdigit()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def teacher_folder(settings: TrainSettings, config: MoDConfig) -> Path | None:
+    """The folder of the separate teacher (`settings.teacher`, or for the `full` recipe, whose training moves the
+    weights the teacher would run, the starting checkpoint), checked against the trained model `config`: the same
+    vocabulary, and for the hidden-state error the same hidden size and layer count. None: the model teaches itself."""
+    name = settings.teacher or (settings.model if settings.recipe == "full" and settings.uses_teacher() else None)
+    if name is None:
+        return None
+    try:
+        folder = resolve_checkpoint(base_path(name))
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SettingsError("train", f"cannot read the teacher {name!r}: {err}", "teacher") from None
+    if raw.get("vocab_size") != config.vocab_size:
+        raise SettingsError("train", f"{name!r} has a vocabulary of {raw.get('vocab_size')} tokens and the trained "
+                                     f"model {config.vocab_size}: the KL term compares distributions over the same "
+                                     f"tokens", "teacher")
+    if settings.hidden_mse_weight > 0:
+        for key in ("hidden_size", "num_hidden_layers"):
+            if raw.get(key) != getattr(config, key):
+                raise SettingsError("train", f"{name!r} has {key}={raw.get(key)} and the trained model "
+                                             f"{getattr(config, key)}: the hidden-state error compares states of the "
+                                             f"same shape", "teacher")
+    return folder
+
+
+def load_teacher(folder: Path) -> torch.nn.Module:
+    """A frozen teacher: a MoD checkpoint (run dense, `running_dense`) or a base model, in float32 as the student."""
+    if json.loads((folder / "config.json").read_text()).get("model_type") == MoDConfig.model_type:
+        teacher, _ = load_mod_model(str(folder), dtype=torch.float32)
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return teacher.requires_grad_(False).eval()
+
+
+def plot_held_out(log_history: list[dict], path: Path) -> Path | None:
+    """Held-out perplexity (and KL to the teacher) against training tokens, from the training log, as a PNG at `path`;
+    None where there is no held-out evaluation or matplotlib (the `eval` extra) is not installed."""
+    rows = [row for row in log_history if "eval_lm_loss" in row and "num_input_tokens_seen" in row]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed (pip install 'modification[eval]'): no plot of the held-out loss")
+        return None
+    tokens = [row["num_input_tokens_seen"] for row in rows]
+    panels = [("eval_perplexity", "held-out perplexity")]
+    if "eval_kl_loss" in rows[0]:
+        panels.append(("eval_kl_loss", "held-out KL to the teacher (x T^2)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        ax.plot(tokens, [row[key] for row in rows], marker="o")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def train(settings: TrainSettings) -> Path:
     """Train the routers (and LoRA or all weights) of the MoD checkpoint `settings.model` and write a standalone
     checkpoint to `settings.out`.
 
-    Checkpoints go to `settings.checkpoint_dir` every `save_steps`; `resume` continues from the last one there. With
-    the `lora` recipe the adapter is merged into the output; `save_adapter` also writes it to `out/adapter` (loadable
-    with `PeftModel.from_pretrained` on the input checkpoint).
+    The run lasts `steps`, `max_tokens` or `max_minutes`, whichever it reaches first. Checkpoints go to
+    `settings.checkpoint_dir` every `save_steps` (and where `max_minutes` stops the run); `resume` continues from the
+    last complete one there. With the `lora` recipe the adapter is merged into the output; `save_adapter` also
+    writes it to `out/adapter` (loadable with `PeftModel.from_pretrained` on the input checkpoint). Next to the
+    output's `training_log.json`, `held_out.png` plots the held-out loss against training tokens (with
+    `eval_steps`, where matplotlib is installed).
     """
     out, resume, progress = Path(settings.out), settings.resume, settings.progress
     if out.exists() and not settings.overwrite:
@@ -140,59 +496,77 @@ def train(settings: TrainSettings) -> Path:
         raise ValueError(
             f"seq_len={settings.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}"
         )
+    states = config.num_hidden_layers + 1  # the embeddings and every layer's output
+    bad = [i for i in settings.hidden_mse_layers if not -states <= i < states]
+    if settings.hidden_mse_weight > 0 and bad:
+        raise SettingsError("train", f"{bad} name no hidden state of a {config.num_hidden_layers}-layer model (0 to "
+                                     f"{states - 1}, or negative from the end)", "hidden_mse_layers")
+    teacher_dir = teacher_folder(settings, config)
     checkpoint_dir = Path(settings.checkpoint_dir or default_checkpoint_dir(out))
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    any_checkpoint = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    last = last_complete_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
     if resume and last is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {checkpoint_dir} to resume from")
-    if not resume and last is not None:
-        raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass --resume to continue from {last}")
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir} to resume from (a checkpoint-* folder "
+                                f"holding {TRAINER_STATE_NAME}, which the Trainer writes last)")
+    if not resume and any_checkpoint is not None:
+        raise FileExistsError(f"{checkpoint_dir} already holds checkpoints; pass --resume to continue from "
+                              f"{last or any_checkpoint}")
+    start_step = json.loads((Path(last) / TRAINER_STATE_NAME).read_text())["global_step"] if resume else 0
+    if resume and any_checkpoint != last and int(os.environ.get("RANK", "0")) == 0:
+        # a killed run's half-written checkpoints: removed, so that the Trainer's rotation counts only real ones
+        for partial in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            if not (partial / TRAINER_STATE_NAME).is_file():
+                logger.warning("removing %s, left half-written (no %s); resuming from %s", partial,
+                               TRAINER_STATE_NAME, last)
+                shutil.rmtree(partial)
 
     tokenizer = AutoTokenizer.from_pretrained(folder, config=config)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = settings.batch_size * settings.grad_accum * world * settings.seq_len
+    max_steps = settings.max_steps(tokens_per_step)  # None: only max_minutes bounds the run
     blocks = load_blocks(settings.data, tokenizer, settings.seq_len, settings.text_field, settings.split,
                          settings.data_config, settings.max_tokens_per_source, progress=progress)
     train_blocks, eval_blocks = split_blocks(blocks, settings.eval_fraction)
-    needed = settings.steps * settings.batch_size * settings.grad_accum * world
-    train_set = mix_blocks(train_blocks, settings.data_weights, needed if settings.data_weights else None,
-                           seed=settings.seed)
+    needed = max_steps * settings.batch_size * settings.grad_accum * world if max_steps and settings.data_weights \
+        else None  # without a step count, one pass over the mixed sources, repeated as the Trainer needs
+    train_set = mix_blocks(train_blocks, settings.data_weights, needed, seed=settings.seed)
     eval_set = torch.cat(eval_blocks) if settings.eval_fraction > 0 else None
 
     model, _ = load_mod_model(str(folder), dtype=torch.float32)
+    teacher = load_teacher(teacher_dir) if teacher_dir is not None else None
     if torch.cuda.is_available():  # the Trainer moves the model there
-        model.set_attn_implementation(fastest_attn_implementation(torch.device("cuda")))
-    if settings.load_loss_coef is not None:
-        model.config.load_loss_coef = settings.load_loss_coef
-    budget = settings.budget()
-    if budget is not None or model.config.routing_plan is not None:
-        # hold each routed layer at its share of the plan: the checkpoint's (a fit's), brought to the budget if given
-        plan = checkpoint_plan(model.config)
-        plan = budget.scale(plan, model.config) if budget is not None else plan
-        model.config.routing_plan = plan.to_dict()
-        model.config.load_loss_target = list(plan.routed_share)
-    model.config.validate()
+        for module in (model, teacher):
+            if isinstance(module, MoDForCausalLM):
+                module.set_attn_implementation(fastest_attn_implementation(torch.device("cuda")))
+    configure_objective(model.config, settings)
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     # peft still asks transformers for the deprecated `is_gradient_checkpointing`; the warning is not the user's to fix.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    set_seed(settings.seed)  # LoRA's initial A matrices: the same run starts from the same adapters
     trainable = _prepare_model(model, settings)
 
     use_cuda = torch.cuda.is_available()
+    evaluating = bool(settings.eval_steps) and eval_set is not None
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
-        max_steps=settings.steps,
+        max_steps=max_steps or UNBOUNDED_STEPS,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate or DEFAULT_LEARNING_RATE[settings.recipe],
         weight_decay=settings.weight_decay,
         warmup_steps=settings.warmup_steps,
-        lr_scheduler_type="cosine",
+        # a cosine schedule needs the run's length; a run bounded by time alone keeps its learning rate
+        lr_scheduler_type="cosine" if max_steps else "constant_with_warmup",
         logging_steps=settings.logging_steps,
         logging_first_step=True,
         save_steps=settings.save_steps,
         save_total_limit=2,
-        eval_strategy="steps" if settings.eval_steps and eval_set is not None else "no",
+        eval_strategy="steps" if evaluating else "no",
         eval_steps=settings.eval_steps,
+        eval_on_start=evaluating and not resume,  # the curve's first point: the model before training
+        include_num_input_tokens_seen="all",  # every log line says how many tokens training has seen
         report_to=[],
         seed=settings.seed,
         data_seed=settings.seed,
@@ -206,33 +580,46 @@ def train(settings: TrainSettings) -> Path:
         disable_tqdm=not progress,
         dataloader_drop_last=True,
     )
+    if teacher is not None:
+        teacher.to(args.device)
     trainer = RoutingStatsTrainer(
         model=trainable,
         args=args,
         train_dataset=PackedBlocks(train_set),
         eval_dataset=PackedBlocks(eval_set) if eval_set is not None else None,
+        objective=Objective.from_settings(settings),
+        teacher=teacher,
         router_learning_rate=settings.router_learning_rate,
     )
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
-    result = trainer.train(resume_from_checkpoint=last if resume else None)
+    stop = CleanStop(settings.max_minutes)
+    trainer.add_callback(stop)
+    started = time.monotonic()
+    with stop.catching_signals():
+        result = trainer.train(resume_from_checkpoint=last if resume else None)
+    minutes = (time.monotonic() - started) / 60
 
+    trained = gathered_model(trainer, settings)
     if trainer.is_world_process_zero():
-        final = trainable
+        final = trained
         with atomic_output_dir(out, overwrite=settings.overwrite) as tmp:
             if settings.recipe == "lora":
                 if settings.save_adapter:
-                    trainable.save_pretrained(tmp / "adapter")
-                final = trainable.merge_and_unload()
+                    trained.save_pretrained(tmp / "adapter")
+                final = trained.merge_and_unload()
             # thresholds measured before training no longer hold; the fit's per-layer plan does (calibrate reuses it)
             fit = (final.config.calibration or {}).get("fit")
             final.config.calibration = {"fit": fit, "stale": True} if fit else None
             save_checkpoint(final, tmp, companions_from=folder)
             record = training_record(settings, trainer, result)
+            record.update(stopped_by=stop.stopped_by or "steps", minutes=round(minutes, 2))
+            if settings.teacher is not None:
+                record["teacher"] = settings.teacher  # made public (a local folder by its name) with the record
             if resume:
-                start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
-                record.update(resumed_from=str(last), steps_this_run=result.global_step - start)
+                record.update(resumed_from=str(last), steps_this_run=result.global_step - start_step)
             (tmp / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+            plot_held_out(trainer.state.log_history, tmp / "held_out.png")
             update_results(tmp / RESULTS_FILENAME, final.config, str(out), extra={"training": record})
     trainer.accelerator.wait_for_everyone()
     return out
@@ -241,14 +628,13 @@ def train(settings: TrainSettings) -> Path:
 def training_record(settings: TrainSettings, trainer: Trainer, result) -> dict:
     """The `training` section of results.json: what the training did (not where it wrote)."""
     args = trainer.args
-    tokens = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
-        args.world_size * settings.seq_len
     record = {**settings.recorded(), "data": data_names(settings.data)}
     record.update(
         initial_checkpoint=settings.model,
         learning_rate=args.learning_rate,
         sequence_length=settings.seq_len,
-        tokens=tokens,
+        completed_steps=trainer.state.global_step,
+        tokens=trainer.state.num_input_tokens_seen,
         world_size=args.world_size,
         final_train_loss=round(float(result.training_loss), 5) if not math.isnan(result.training_loss) else None,
     )

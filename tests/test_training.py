@@ -150,8 +150,11 @@ def test_two_process_accelerate_run(text_ckpt, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modification.cli",
         "train", "--model", str(mod), "--out", str(tmp_path / "ddp"), "--data", str(train_file),
-        "--recipe", "routers", "--steps", "3", "--seq-len", "64", "--batch-size", "2",
-        "--router-learning-rate", "0.05", "--load-loss-coef", "1.0",
+        # LoRA with the default objective, self-distillation: each step's teacher pass (adapters disabled, routing
+        # dense) runs through the DDP-wrapped model on both ranks
+        "--recipe", "lora", "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--learning-rate", "0.01",
+        "--router-learning-rate", "0.05", "--load-loss-coef", "1.0", "--kv-fraction", "0.8", "--lm-weight", "0.5",
+        "--eval-fraction", "0.05", "--eval-steps", "2", "--save-steps", "2",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -159,8 +162,27 @@ def test_two_process_accelerate_run(text_ckpt, tmp_path):
     record = json.loads((tmp_path / "ddp" / "results.json").read_text())["training"]
     assert record["world_size"] == 2
     assert record["tokens"] == 3 * 2 * 2 * 64
+    assert record["distill_weight"] == 1.0 and record["completed_steps"] == 3
+    log = json.loads((tmp_path / "ddp" / "training_log.json").read_text())
+    assert all("kl_loss" in row and "lm_loss" in row for row in log if "loss" in row)
+    assert [row["step"] for row in log if "eval_kl_loss" in row] == [0, 2, 3]
     before, after = load_file(mod / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if ".router." in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "q_proj" in k)  # LoRA, merged
+    # the checkpoint loads as published, and so does the one the run saved at step 2
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    saved = tmp_path / "ddp-checkpoints" / "checkpoint-2"
+    assert (saved / "trainer_state.json").is_file() and (saved / "adapter_model.safetensors").is_file()
+    # a time budget stops both processes at the same step (the main process's clock decides), and the output is saved
+    cmd[cmd.index(str(tmp_path / "ddp"))] = str(tmp_path / "timed")
+    proc = subprocess.run([*cmd, "--max-minutes", "0.000001"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((tmp_path / "timed" / "results.json").read_text())["training"]
+    assert record["stopped_by"] == "max_minutes" and record["completed_steps"] == 1
+    assert (tmp_path / "timed-checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
 
 
 def test_bad_training_input_gives_clear_errors(text_ckpt, tmp_path, capsys):
