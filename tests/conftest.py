@@ -42,3 +42,12 @@ def neutral_hugging_face_environment():
             for name in names if module in sys.modules else ():
                 patch.setattr(sys.modules[module], name, False)
         yield
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    """A tiny MoD checkpoint with its tokenizer and train / held-out text (`helpers.text_mod_checkpoint`), one per
+    test module."""
+    from helpers import text_mod_checkpoint
+
+    return text_mod_checkpoint(tmp_path_factory.mktemp("textmod"))

@@ -217,3 +217,13 @@ def text_mod_checkpoint(folder: Path, vocab_size: int = 384, seed: int = 0, **ro
     tokenizer.save_pretrained(folder / "base")
     convert_checkpoint(ConvertSettings(base=str(folder / "base"), out=str(folder / "mod"), routing=routing))
     return folder / "mod", train, test
+
+
+def train_settings(mod, out, train_file, **kw):
+    """`TrainSettings` of a short run on a tiny text checkpoint (`text_mod_checkpoint`), `kw` overriding."""
+    from modification.conversion.settings import TrainSettings
+
+    base = dict(model=str(mod), out=str(out), steps=4, seq_len=64, batch_size=2, logging_steps=1, save_steps=100,
+                data=[str(train_file)], progress=False)
+    base.update(kw)
+    return TrainSettings(**base)

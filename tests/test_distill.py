@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import routed_model, save_base, text_mod_checkpoint, tiny_base
+from helpers import routed_model, save_base, tiny_base, train_settings
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
@@ -29,18 +29,6 @@ from modification.conversion.train import (
     train,
 )
 from modification.modeling.modeling_mod import MoDRouter
-
-
-@pytest.fixture(scope="module")
-def text_ckpt(tmp_path_factory):
-    return text_mod_checkpoint(tmp_path_factory.mktemp("textmod"))
-
-
-def _settings(mod, out, train_file, **kw):
-    base = dict(model=str(mod), out=str(out), steps=4, seq_len=64, batch_size=2, logging_steps=1, save_steps=100,
-                data=[str(train_file)], progress=False)
-    base.update(kw)
-    return TrainSettings(**base)
 
 
 def _trainer(model, tmp_path, **objective):
@@ -135,7 +123,7 @@ def test_training_lora_with_self_distillation_loads_no_teacher(text_ckpt, tmp_pa
         raise AssertionError(f"a teacher copy was loaded from {folder}")
 
     monkeypatch.setattr(train_module, "load_teacher", no_second_copy)
-    out = train(_settings(mod, tmp_path / "out", train_file, steps=4, learning_rate=1e-2, kv_fraction=0.8,
+    out = train(train_settings(mod, tmp_path / "out", train_file, steps=4, learning_rate=1e-2, kv_fraction=0.8,
                           load_loss_coef=1.0, router_learning_rate=0.05))
     log = [row for row in json.loads((out / "training_log.json").read_text()) if "kl_loss" in row]
     assert log[0]["kl_loss"] < 1e-6  # step 1: fresh adapters, every token routed: the student is the teacher
@@ -150,7 +138,7 @@ def test_the_lm_loss_alone_needs_no_teacher_pass(text_ckpt, tmp_path, monkeypatc
         raise AssertionError("a teacher pass without a term that uses it")
 
     monkeypatch.setattr(RoutingStatsTrainer, "teacher_outputs", no_teacher)
-    out = train(_settings(mod, tmp_path / "out", train_file, recipe="full", steps=2, distill_weight=0.0,
+    out = train(train_settings(mod, tmp_path / "out", train_file, recipe="full", steps=2, distill_weight=0.0,
                           lm_weight=1.0, eval_steps=1, eval_fraction=0.05))
     log = json.loads((out / "training_log.json").read_text())
     assert all("kl_loss" not in row and "eval_kl_loss" not in row for row in log)
@@ -168,7 +156,7 @@ def test_the_full_recipe_distils_from_a_frozen_copy_of_the_start(text_ckpt, tmp_
         return teacher
 
     monkeypatch.setattr(train_module, "load_teacher", spy)
-    out = train(_settings(mod, tmp_path / "out", train_file, recipe="full", steps=2, learning_rate=1e-2))
+    out = train(train_settings(mod, tmp_path / "out", train_file, recipe="full", steps=2, learning_rate=1e-2))
     [(folder, teacher, before)] = loaded  # full training moves the weights the model's own dense pass would run
     assert folder == mod and not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())  # the teacher stays the start
@@ -181,7 +169,7 @@ def test_the_full_recipe_distils_from_a_frozen_copy_of_the_start(text_ckpt, tmp_
 def test_a_separate_teacher_and_its_vocabulary(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
     # the base the checkpoint was converted from teaches as the model's own dense pass does
-    out = train(_settings(mod, tmp_path / "out", train_file, steps=2, recipe="routers",
+    out = train(train_settings(mod, tmp_path / "out", train_file, steps=2, recipe="routers",
                           teacher=str(mod.parent / "base"), router_learning_rate=0.05, load_loss_coef=1.0))
     log = [row for row in json.loads((out / "training_log.json").read_text()) if "kl_loss" in row]
     assert log[0]["kl_loss"] < 1e-6
@@ -189,11 +177,11 @@ def test_a_separate_teacher_and_its_vocabulary(text_ckpt, tmp_path):
     # a teacher over other tokens: refused before any text is read (the data file does not exist)
     other = save_base("llama", tmp_path / "other-vocab")
     with pytest.raises(SettingsError, match=r"^train\.teacher: .*vocabulary of 97 tokens"):
-        train(_settings(mod, tmp_path / "o2", tmp_path / "missing.txt", teacher=str(other)))
+        train(train_settings(mod, tmp_path / "o2", tmp_path / "missing.txt", teacher=str(other)))
     with pytest.raises(SettingsError, match=r"^train\.teacher: cannot read"):
-        train(_settings(mod, tmp_path / "o3", train_file, teacher=str(tmp_path / "nowhere")))
+        train(train_settings(mod, tmp_path / "o3", train_file, teacher=str(tmp_path / "nowhere")))
     with pytest.raises(SettingsError, match=r"^train\.hidden_mse_layers: \[7\] name no hidden state"):
-        train(_settings(mod, tmp_path / "o4", train_file, hidden_mse_weight=1.0, hidden_mse_layers=[1, 7]))
+        train(train_settings(mod, tmp_path / "o4", train_file, hidden_mse_weight=1.0, hidden_mse_layers=[1, 7]))
     assert not any((tmp_path / name).exists() for name in ("o2", "o3", "o4", "o2-checkpoints"))
 
 
@@ -226,7 +214,7 @@ def test_step_budgets():
 
 def test_token_budget_and_held_out_evaluation(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
-    settings = _settings(mod, tmp_path / "out", train_file, steps=None, max_tokens=300, eval_steps=2,
+    settings = train_settings(mod, tmp_path / "out", train_file, steps=None, max_tokens=300, eval_steps=2,
                          eval_fraction=0.05, lm_weight=0.5, recipe="routers", kv_fraction=0.8, load_loss_coef=1.0,
                          router_learning_rate=0.05)
     out = train(settings)
@@ -249,7 +237,7 @@ def test_token_budget_and_held_out_evaluation(text_ckpt, tmp_path):
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
-    settings = _settings(mod, tmp_path / "full", train_file, recipe="lora", steps=4, learning_rate=1e-2,
+    settings = train_settings(mod, tmp_path / "full", train_file, recipe="lora", steps=4, learning_rate=1e-2,
                          lm_weight=0.5, save_steps=100, checkpoint_dir=str(tmp_path / "full-ckpts"))
     full = train(settings)
     # the same run, stopped by its time budget after the first step (a checkpoint is written there) ...
@@ -311,7 +299,7 @@ def test_sharded_runs_rebuild_the_trained_model_whole_from_the_gathered_weights(
     the model's own state dict): a fresh copy of the run's model, with the run's routing objective, holds the trained
     weights and computes what the trained model computes."""
     mod, _, _ = text_ckpt
-    settings = _settings(mod, tmp_path / "out", "unused.txt", recipe="lora", kv_fraction=0.8)
+    settings = train_settings(mod, tmp_path / "out", "unused.txt", recipe="lora", kv_fraction=0.8)
     model, _ = load_mod_model(str(mod), dtype=torch.float32)
     configure_objective(model.config, settings)
     model = _prepare_model(model, settings)
@@ -372,7 +360,7 @@ def test_ctrl_c_stops_at_the_end_of_the_step_and_saves(text_ckpt, tmp_path, monk
 
     monkeypatch.setattr(RoutingStatsTrainer, "training_step", interrupted_step)
     handler = signal.getsignal(signal.SIGINT)
-    out = train(_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=50))
+    out = train(train_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=50))
     record = json.loads((out / "results.json").read_text())["training"]
     assert record["stopped_by"] == "SIGINT" and record["completed_steps"] == 2
     assert (tmp_path / "out-checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()

@@ -8,34 +8,22 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import text_mod_checkpoint
+from helpers import train_settings
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modification.cli.main import main as cli
 from modification.conversion.calibrate import calibrate_checkpoint
 from modification.conversion.data import DataError
-from modification.conversion.settings import CalibrateSettings, TrainSettings
+from modification.conversion.settings import CalibrateSettings
 from modification.conversion.train import train
 from modification.modeling import MoDForCausalLM
-
-
-@pytest.fixture(scope="module")
-def text_ckpt(tmp_path_factory):
-    return text_mod_checkpoint(tmp_path_factory.mktemp("textmod"))
-
-
-def _settings(mod, out, train_file, **kw):
-    base = dict(model=str(mod), out=str(out), steps=4, seq_len=64, batch_size=2, logging_steps=1, save_steps=100,
-                data=[str(train_file)], progress=False)
-    base.update(kw)
-    return TrainSettings(**base)
 
 
 def test_router_recipe_changes_only_routers(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
     (mod / "LICENSE").write_text("base licence")
-    out = train(_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=3, kv_fraction=0.8))
+    out = train(train_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=3, kv_fraction=0.8))
     for name in ("tokenizer.json", "tokenizer_config.json", "LICENSE"):  # travel byte for byte
         assert (out / name).read_bytes() == (mod / name).read_bytes(), name
     results = json.loads((out / "results.json").read_text())
@@ -58,7 +46,7 @@ def test_lora_adapter_round_trips_and_merged_checkpoint_matches(text_ckpt, tmp_p
     from peft import PeftModel
 
     mod, train_file, _ = text_ckpt
-    out = train(_settings(mod, tmp_path / "out", train_file, recipe="lora", steps=3, learning_rate=1e-2,
+    out = train(train_settings(mod, tmp_path / "out", train_file, recipe="lora", steps=3, learning_rate=1e-2,
                           save_adapter=True))
     ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
     merged = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -76,7 +64,7 @@ def test_lora_adapter_round_trips_and_merged_checkpoint_matches(text_ckpt, tmp_p
 
 def test_load_objective_lowers_the_kv_fraction_on_real_text(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
-    settings = _settings(mod, tmp_path / "out", train_file, recipe="routers", steps=25, load_loss_coef=1.0,
+    settings = train_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=25, load_loss_coef=1.0,
                          router_learning_rate=0.05, logging_steps=5)
     out = train(settings)
     log = [row for row in json.loads((out / "training_log.json").read_text()) if "kv_fraction" in row]
@@ -88,8 +76,8 @@ def test_load_objective_lowers_the_kv_fraction_on_real_text(text_ckpt, tmp_path)
 
 def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
     mod, train_file, held_file = text_ckpt
-    trained = train(_settings(mod, tmp_path / "trained", train_file, recipe="routers", steps=25, load_loss_coef=1.0,
-                              router_learning_rate=0.05))
+    trained = train(train_settings(mod, tmp_path / "trained", train_file, recipe="routers", steps=25,
+                                   load_loss_coef=1.0, router_learning_rate=0.05))
     settings = CalibrateSettings(model=str(trained), out=str(tmp_path / "cal"), kv_fraction=0.8,
                                  data=[str(train_file)], seq_len=128, max_blocks=24, held_out_fraction=0.0,
                                  progress=False)
@@ -120,7 +108,7 @@ def test_calibration_hits_target_on_held_out_text(text_ckpt, tmp_path):
 def test_resume_continues_from_saved_step(text_ckpt, tmp_path):
     mod, train_file, _ = text_ckpt
     ckpts = tmp_path / "ckpts"
-    settings = _settings(mod, tmp_path / "full", train_file, recipe="routers", steps=4, save_steps=2,
+    settings = train_settings(mod, tmp_path / "full", train_file, recipe="routers", steps=4, save_steps=2,
                          router_learning_rate=0.05, load_loss_coef=1.0, checkpoint_dir=str(ckpts))
     full = train(settings)
     saved = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
@@ -190,11 +178,11 @@ def test_bad_training_input_gives_clear_errors(text_ckpt, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     with pytest.raises(DataError, match="fewer than seq_len"):
-        train(_settings(mod, tmp_path / "o1", empty))
+        train(train_settings(mod, tmp_path / "o1", empty))
     with pytest.raises(DataError, match="does not exist"):
-        train(_settings(mod, tmp_path / "o2", tmp_path / "missing.txt"))
+        train(train_settings(mod, tmp_path / "o2", tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        train(_settings(mod, tmp_path / "o3", train_file, seq_len=4096))
+        train(train_settings(mod, tmp_path / "o3", train_file, seq_len=4096))
     base_dir = mod.parent / "base"
     assert cli(["train", "--model", str(base_dir), "--out", str(tmp_path / "o4"), "--data", str(train_file)]) == 2
     assert "not a MoD checkpoint" in capsys.readouterr().err
