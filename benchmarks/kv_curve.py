@@ -31,6 +31,7 @@ import json
 import math
 import shlex
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -41,7 +42,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from modification.conversion.atomic import atomic_write_text
 from modification.conversion.bases import fetch_base
-from modification.conversion.budget import measured_plan
+from modification.conversion.budget import Budget, measured_plan
+from modification.conversion.calibrate import calibrate_thresholds
+from modification.conversion.checkpoint import load_mod_model, save_checkpoint
 from modification.conversion.convert import convert_model
 from modification.conversion.data import load_blocks
 from modification.conversion.fit import (
@@ -53,8 +56,10 @@ from modification.conversion.fit import (
     shortgpt_order,
 )
 from modification.conversion.lookup import lookup_rows
-from modification.conversion.settings import FitOptions
+from modification.conversion.results import RESULTS_FILENAME
+from modification.conversion.settings import FitOptions, TrainSettings
 from modification.conversion.texts import prepare_texts
+from modification.conversion.train import train
 from modification.evaluation.benchmark import describe_device
 from modification.evaluation.quality import score_window, sliding_windows
 from modification.modeling import THRESHOLD_LOGIT_LIMIT, MoDForCausalLM
@@ -81,6 +86,8 @@ class Curve:
     fit_options: FitOptions  # FitOptions' defaults but for the budget and granularity, set per variant
     measured: LayerMeasurements  # of the converted base on `calib`, both granularities, shared by every fit
     shortgpt: list[int]
+    base_dir: Path | None = None  # the base's folder (its tokenizer travels with a healed checkpoint)
+    train_texts: list[str] = field(default_factory=list)  # the train parts of the texts (calibration, healing)
     result: dict = field(default_factory=dict)
 
 
@@ -197,20 +204,53 @@ def save(curve: Curve) -> None:
     atomic_write_text(Path(curve.args.out), json.dumps(curve.result, indent=1) + "\n")
 
 
+def heal(curve: Curve, model: MoDForCausalLM, f: float) -> tuple[MoDForCausalLM, dict]:
+    """`modification train`'s default healing (LoRA, KL to the dense base at T=2) for `--heal-minutes` of this
+    machine on the train texts, then, for a routed (not statically removed) model, thresholds recalibrated to `f` on
+    the calibration text: quality at the same KV fraction as the unhealed point."""
+    args = curve.args
+    routed = model.config.routing_plan is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        start = Path(tmp) / "start"
+        save_checkpoint(model, start, companions_from=curve.base_dir)
+        settings = TrainSettings(model=str(start), out=str(Path(tmp) / "healed"), data=curve.train_texts,
+                                 max_minutes=args.heal_minutes, seq_len=args.heal_seq_len,
+                                 batch_size=args.heal_batch_size, kv_fraction=f if routed else None,
+                                 save_steps=10**6, logging_steps=10, progress=False, seed=0)
+        healed = train(settings)
+        record = json.loads((healed / RESULTS_FILENAME).read_text())["training"]
+        model, _ = load_mod_model(str(healed), dtype=torch.float32)
+    if routed:
+        calibrate_thresholds(model, curve.calib, Budget(kv_fraction=f), progress=False)
+    keep = ("recipe", "distill_weight", "distill_temperature", "lm_weight", "tokens", "minutes", "completed_steps",
+            "stopped_by", "final_train_loss")
+    return model.eval(), {k: record[k] for k in keep if k in record}
+
+
 def measure(curve: Curve, variant: str, f: float) -> None:
-    """Build and evaluate one variant at KV fraction `f`; record it (or its error) and save the JSON."""
+    """Build and evaluate one variant at KV fraction `f` (and, with --heal-minutes, healed); record it (or its error)
+    and save the JSON."""
     start = time.process_time()
+    untrained = str(f) in curve.result["results"].get(variant, {})
     try:
         model, extra = BUILDERS[variant](curve, f)
-        metrics = evaluate(model, curve)
+        if not untrained:
+            metrics = evaluate(model, curve)
+            cpu = round((time.process_time() - start) / 60, 2)
+            curve.result["results"].setdefault(variant, {})[str(f)] = {**metrics, **extra, "cpu_minutes": cpu}
+            log(f"{variant:24s} kv={f}: {metrics}")
+            save(curve)
+        if curve.args.heal_minutes:
+            start = time.process_time()
+            model, training = heal(curve, model, f)
+            metrics = evaluate(model, curve)
+            cpu = round((time.process_time() - start) / 60, 2)
+            curve.result.setdefault("healed", {}).setdefault(variant, {})[str(f)] = {
+                **metrics, "training": training, "cpu_minutes": cpu}
+            log(f"{variant:24s} kv={f} healed: {metrics} {training}")
     except Exception:  # noqa: BLE001 - one failed variant must not cost the others
         curve.result.setdefault("errors", []).append(f"{variant}@{f}: {traceback.format_exc()}")
         log(f"{variant} at {f} failed:\n{curve.result['errors'][-1]}")
-        save(curve)
-        return
-    cpu = round((time.process_time() - start) / 60, 2)
-    curve.result["results"].setdefault(variant, {})[str(f)] = {**metrics, **extra, "cpu_minutes": cpu}
-    log(f"{variant:24s} kv={f}: {metrics}")
     save(curve)
 
 
@@ -230,11 +270,11 @@ def run(args) -> dict:
     calib, _ = calibration_batches(data, tokenizer, 512, args.calib_blocks, 0.0, progress=False)
     options = FitOptions(kv_fraction=0.8, routing_granularity="auto")
     if args.resume:
-        return resume(args, Curve(args, base, held_out, long_text, calib, options, None, []))
+        return resume(args, Curve(args, base, held_out, long_text, calib, options, None, [], base_dir, data))
     start = time.process_time()
     measured = measure_layers(convert_model(base), calib, options, progress=False)
     shortgpt, _ = shortgpt_order(base, calib)
-    curve = Curve(args, base, held_out, long_text, calib, options, measured, shortgpt)
+    curve = Curve(args, base, held_out, long_text, calib, options, measured, shortgpt, base_dir, data)
     curve.result = {
         "command": args.command,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "command", "resume")},
@@ -258,7 +298,9 @@ def measure_all(curve: Curve) -> dict:
     """Every variant at every KV fraction that `curve.result` does not hold yet."""
     for f in curve.args.kv_fractions:
         for variant in curve.args.variants:
-            if str(f) not in curve.result["results"].get(variant, {}):
+            done = str(f) in curve.result["results"].get(variant, {})
+            healed = str(f) in curve.result.get("healed", {}).get(variant, {})
+            if not done or (curve.args.heal_minutes and not healed):
                 measure(curve, variant, f)
     save(curve)
     return curve.result
@@ -268,7 +310,8 @@ def resume(args, curve: Curve) -> dict:
     """Continue the run recorded in `args.out`: its layer measurements, base row and results are kept (the fits rank
     layers on the recorded costs, rounded to 1e-5 nats), its errors are retried, the missing points measured."""
     recorded = json.loads(Path(args.out).read_text())
-    kept = ("out", "command", "resume", "kv_fractions", "variants")  # what a resumed run may change
+    # what a resumed run may change
+    kept = ("out", "command", "resume", "kv_fractions", "variants", "heal_minutes", "heal_seq_len", "heal_batch_size")
     settings = {k: v for k, v in vars(args).items() if k not in kept}
     differ = {k: (recorded["settings"].get(k), v) for k, v in settings.items() if recorded["settings"].get(k) != v}
     if differ:
@@ -305,6 +348,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--calib-blocks", type=int, default=2, help="calibration blocks of 512 tokens per train text")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--heal-minutes", type=float, default=None, help="also heal each variant with `modification "
+                        "train`'s default objective for this many minutes and measure it again (`healed` in the JSON)")
+    parser.add_argument("--heal-seq-len", type=int, default=512)
+    parser.add_argument("--heal-batch-size", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out: keep its layer "
                         "measurements and points, retry its errors, measure what is missing")
     parser.add_argument("--quick", action="store_true", help="a small run: 0.8 only, short contexts, few tokens")
