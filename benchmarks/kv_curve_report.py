@@ -47,8 +47,14 @@ def fraction_tables(result: dict) -> list[list[str]]:
                 f"{base.get('cpu_minutes', 0):.1f}"]
     parts = []
     for f in result["settings"]["kv_fractions"]:
-        rows = [row(v, result["results"][v][str(f)], base, result) for v in STYLES
-                if str(f) in result["results"].get(v, {})]
+        rows = []
+        for v in STYLES:
+            if str(f) in result["results"].get(v, {}):
+                rows.append(row(v, result["results"][v][str(f)], base, result))
+            healed = result.get("healed", {}).get(v, {}).get(str(f))
+            if healed:
+                t = healed["training"]
+                rows.append(row(f"{v}, healed {t['minutes']:.0f} min ({t['tokens']:,} tokens)", healed, base, result))
         if rows:
             parts.append([f"### KV fraction {f}", ""] + report.markdown_table(header, [base_row] + rows))
     return parts
