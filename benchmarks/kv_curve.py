@@ -200,7 +200,7 @@ BUILDERS = {
 
 
 def save(curve: Curve) -> None:
-    curve.result["total_seconds"] = round(time.perf_counter() - T0, 1)
+    curve.result["total_seconds"] = round(curve.result.get("earlier_seconds", 0.0) + time.perf_counter() - T0, 1)
     atomic_write_text(Path(curve.args.out), json.dumps(curve.result, indent=1) + "\n")
 
 
@@ -322,8 +322,9 @@ def resume(args, curve: Curve) -> dict:
     measured.lookup = {g: {int(j): a for j, a in acc.items()} for g, acc in recorded["lookup_accuracy"].items()}
     measured.dense_lookup = recorded["dense_lookup"]
     curve.measured, curve.shortgpt = measured, recorded["shortgpt_order"]
-    curve.result = {**recorded, "errors": [], "commands": [*recorded.get("commands", [recorded["command"]]),
-                                                           args.command]}
+    earlier = round(recorded.get("earlier_seconds", 0.0) + recorded["total_seconds"], 1)  # the runs before this one
+    commands = [*recorded.get("commands", [recorded["command"]]), args.command]
+    curve.result = {**recorded, "earlier_seconds": earlier, "errors": [], "commands": commands}
     curve.result["settings"]["kv_fractions"] = sorted({*recorded["settings"]["kv_fractions"], *args.kv_fractions},
                                                       reverse=True)
     curve.result["settings"]["variants"] = [v for v in VARIANTS if v in {*recorded["settings"]["variants"],
