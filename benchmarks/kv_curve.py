@@ -205,16 +205,17 @@ def save(curve: Curve) -> None:
 
 
 def heal(curve: Curve, model: MoDForCausalLM, f: float) -> tuple[MoDForCausalLM, dict]:
-    """`modification train`'s default healing (LoRA, KL to the dense base at T=2) for `--heal-minutes` of this
-    machine on the train texts, then, for a routed (not statically removed) model, thresholds recalibrated to `f` on
-    the calibration text: quality at the same KV fraction as the unhealed point."""
+    """`modification train`'s default healing (LoRA, KL to the dense base at T=2) for `--heal-tokens` of the train
+    texts (a token budget, so that every variant sees the same tokens whatever else holds the CPU), then, for a routed
+    (not statically removed) model, thresholds recalibrated to `f` on the calibration text: quality at the same KV
+    fraction as the unhealed point."""
     args = curve.args
     routed = model.config.routing_plan is not None
     with tempfile.TemporaryDirectory() as tmp:
         start = Path(tmp) / "start"
         save_checkpoint(model, start, companions_from=curve.base_dir)
         settings = TrainSettings(model=str(start), out=str(Path(tmp) / "healed"), data=curve.train_texts,
-                                 max_minutes=args.heal_minutes, seq_len=args.heal_seq_len,
+                                 max_tokens=args.heal_tokens, seq_len=args.heal_seq_len,
                                  batch_size=args.heal_batch_size, kv_fraction=f if routed else None,
                                  save_steps=10**6, logging_steps=10, progress=False, seed=0)
         healed = train(settings)
@@ -228,7 +229,7 @@ def heal(curve: Curve, model: MoDForCausalLM, f: float) -> tuple[MoDForCausalLM,
 
 
 def measure(curve: Curve, variant: str, f: float) -> None:
-    """Build and evaluate one variant at KV fraction `f` (and, with --heal-minutes, healed); record it (or its error)
+    """Build and evaluate one variant at KV fraction `f` (and, with --heal-tokens, healed); record it (or its error)
     and save the JSON."""
     start = time.process_time()
     untrained = str(f) in curve.result["results"].get(variant, {})
@@ -240,7 +241,7 @@ def measure(curve: Curve, variant: str, f: float) -> None:
             curve.result["results"].setdefault(variant, {})[str(f)] = {**metrics, **extra, "cpu_minutes": cpu}
             log(f"{variant:24s} kv={f}: {metrics}")
             save(curve)
-        if curve.args.heal_minutes:
+        if curve.args.heal_tokens:
             start = time.process_time()
             model, training = heal(curve, model, f)
             metrics = evaluate(model, curve)
@@ -300,7 +301,7 @@ def measure_all(curve: Curve) -> dict:
         for variant in curve.args.variants:
             done = str(f) in curve.result["results"].get(variant, {})
             healed = str(f) in curve.result.get("healed", {}).get(variant, {})
-            if not done or (curve.args.heal_minutes and not healed):
+            if not done or (curve.args.heal_tokens and not healed):
                 measure(curve, variant, f)
     save(curve)
     return curve.result
@@ -311,7 +312,7 @@ def resume(args, curve: Curve) -> dict:
     layers on the recorded costs, rounded to 1e-5 nats), its errors are retried, the missing points measured."""
     recorded = json.loads(Path(args.out).read_text())
     # what a resumed run may change
-    kept = ("out", "command", "resume", "kv_fractions", "variants", "heal_minutes", "heal_seq_len", "heal_batch_size")
+    kept = ("out", "command", "resume", "kv_fractions", "variants", "heal_tokens", "heal_seq_len", "heal_batch_size")
     settings = {k: v for k, v in vars(args).items() if k not in kept}
     differ = {k: (recorded["settings"].get(k), v) for k, v in settings.items() if recorded["settings"].get(k) != v}
     if differ:
@@ -349,8 +350,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--calib-blocks", type=int, default=2, help="calibration blocks of 512 tokens per train text")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--heal-minutes", type=float, default=None, help="also heal each variant with `modification "
-                        "train`'s default objective for this many minutes and measure it again (`healed` in the JSON)")
+    parser.add_argument("--heal-tokens", type=int, default=None, help="also heal each variant with `modification "
+                        "train`'s default objective on this many training tokens and measure it again (`healed` in "
+                        "the JSON)")
     parser.add_argument("--heal-seq-len", type=int, default=512)
     parser.add_argument("--heal-batch-size", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out: keep its layer "

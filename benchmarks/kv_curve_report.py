@@ -54,7 +54,8 @@ def fraction_tables(result: dict) -> list[list[str]]:
             healed = result.get("healed", {}).get(v, {}).get(str(f))
             if healed:
                 t = healed["training"]
-                rows.append(row(f"{v}, healed {t['minutes']:.0f} min ({t['tokens']:,} tokens)", healed, base, result))
+                name = f"{v}, healed on {t['tokens']:,} tokens ({t['minutes']:.0f} min)"
+                rows.append(row(name, healed, base, result))
         if rows:
             parts.append([f"### KV fraction {f}", ""] + report.markdown_table(header, [base_row] + rows))
     return parts
