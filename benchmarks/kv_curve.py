@@ -19,6 +19,7 @@ every variant goes through the same forward and the same counting.
 
     OMP_NUM_THREADS=2 python benchmarks/kv_curve.py            # writes benchmarks/results/kv_curve.json
     python benchmarks/kv_curve.py --resume --kv-fractions 0.8,0.7 # adds points to it (the layers are not re-measured)
+    python benchmarks/kv_curve.py --resume --kv-fractions 0.9 --heal-tokens 65536   # and each variant healed
     python benchmarks/kv_curve.py --quick                       # a small run, for a smoke test
 
 What the numbers say is written by people in docs/results.md.
