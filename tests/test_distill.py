@@ -15,17 +15,14 @@ from transformers import TrainingArguments
 from modification.conversion import train as train_module
 from modification.conversion.checkpoint import load_mod_model
 from modification.conversion.convert import convert_model
+from modification.conversion.distill import Objective, distillation_kl, load_teacher, running_dense
 from modification.conversion.settings import DEFAULT_STEPS, TrainSettings
 from modification.conversion.steps import SettingsError
 from modification.conversion.train import (
-    Objective,
     RoutingStatsTrainer,
     _prepare_model,
     configure_objective,
-    distillation_kl,
     gathered_model,
-    load_teacher,
-    running_dense,
     train,
 )
 from modification.modeling.modeling_mod import MoDRouter
