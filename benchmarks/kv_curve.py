@@ -365,6 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.kv_fractions, args.blocks, args.long_context, args.long_windows = [0.8], 1, 1024, 1
         args.distances, args.passage_tokens, args.trials, args.calib_blocks = [256], 32, 1, 1
+    if args.resume and not Path(args.out).is_file():
+        parser.error(f"--resume: {args.out} does not exist (nothing to continue; run without --resume first)")
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose among {', '.join(VARIANTS)}")
