@@ -256,7 +256,9 @@ def measure(curve: Curve, variant: str, f: float) -> None:
     save(curve)
 
 
-def run(args) -> dict:
+def setup(args) -> Curve:
+    """The base, the held-out and calibration text, and the fit's options: what every measurement shares (the layer
+    measurements are taken by `run`, or read from a recorded run by `use_recorded_measurements`)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base_dir = Path(args.base) if Path(args.base).is_dir() else fetch_base(args.base, progress=False)
@@ -271,17 +273,32 @@ def run(args) -> dict:
     data = [str(t["train"]) for t in texts.values()]
     calib, _ = calibration_batches(data, tokenizer, 512, args.calib_blocks, 0.0, progress=False)
     options = FitOptions(kv_fraction=0.8, routing_granularity="auto")
+    return Curve(args, base, held_out, long_text, calib, options, None, [], base_dir, data)
+
+
+def use_recorded_measurements(curve: Curve, recorded: dict) -> None:
+    """The layer measurements and ShortGPT order of a recorded run (the fits rank layers on the recorded costs,
+    rounded to 1e-5 nats), so that a later run fits the same plans without measuring again."""
+    measured = LayerMeasurements.taken_with(curve.fit_options)
+    measured.removal_costs = {g: list(c) for g, c in recorded["removal_cost"].items()}
+    measured.lookup = {g: {int(j): a for j, a in acc.items()} for g, acc in recorded["lookup_accuracy"].items()}
+    measured.dense_lookup = recorded["dense_lookup"]
+    curve.measured, curve.shortgpt = measured, recorded["shortgpt_order"]
+
+
+def run(args) -> dict:
+    curve = setup(args)
     if args.resume:
-        return resume(args, Curve(args, base, held_out, long_text, calib, options, None, [], base_dir, data))
+        return resume(args, curve)
     start = time.process_time()
-    measured = measure_layers(convert_model(base), calib, options, progress=False)
-    shortgpt, _ = shortgpt_order(base, calib)
-    curve = Curve(args, base, held_out, long_text, calib, options, measured, shortgpt, base_dir, data)
+    measured = measure_layers(convert_model(curve.base), curve.calib, curve.fit_options, progress=False)
+    shortgpt, _ = shortgpt_order(curve.base, curve.calib)
+    curve.measured, curve.shortgpt = measured, shortgpt
     curve.result = {
         "command": args.command,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "command", "resume")},
         "hardware": describe_device(torch.device("cpu")),
-        "calibration_tokens": sum(b["input_ids"].numel() for b in calib),
+        "calibration_tokens": sum(b["input_ids"].numel() for b in curve.calib),
         "layer_measurement_cpu_minutes": round((time.process_time() - start) / 60, 2),
         "removal_cost": {g: [round(c, 5) for c in costs] for g, costs in measured.removal_costs.items()},
         "lookup_accuracy": {g: {str(j): round(a, 4) for j, a in acc.items()} for g, acc in measured.lookup.items()},
@@ -290,7 +307,7 @@ def run(args) -> dict:
     }
     log("layers measured")
     start = time.process_time()
-    curve.result["base"] = {**evaluate(base, curve), "cpu_minutes": round((time.process_time() - start) / 60, 2)}
+    curve.result["base"] = {**evaluate(curve.base, curve), "cpu_minutes": round((time.process_time() - start) / 60, 2)}
     log(f"base: {curve.result['base']}")
     save(curve)
     return measure_all(curve)
@@ -309,8 +326,8 @@ def measure_all(curve: Curve) -> dict:
 
 
 def resume(args, curve: Curve) -> dict:
-    """Continue the run recorded in `args.out`: its layer measurements, base row and results are kept (the fits rank
-    layers on the recorded costs, rounded to 1e-5 nats), its errors are retried, the missing points measured."""
+    """Continue the run recorded in `args.out`: its layer measurements, base row and results are kept, its errors are
+    retried, the missing points measured."""
     recorded = json.loads(Path(args.out).read_text())
     # what a resumed run may change
     kept = ("out", "command", "resume", "kv_fractions", "variants", "heal_tokens", "heal_seq_len", "heal_batch_size")
@@ -318,12 +335,7 @@ def resume(args, curve: Curve) -> dict:
     differ = {k: (recorded["settings"].get(k), v) for k, v in settings.items() if recorded["settings"].get(k) != v}
     if differ:
         raise SystemExit(f"--resume: {args.out} was measured with other settings (recorded, asked): {differ}")
-    options = curve.fit_options
-    measured = LayerMeasurements.taken_with(options)
-    measured.removal_costs = {g: list(c) for g, c in recorded["removal_cost"].items()}
-    measured.lookup = {g: {int(j): a for j, a in acc.items()} for g, acc in recorded["lookup_accuracy"].items()}
-    measured.dense_lookup = recorded["dense_lookup"]
-    curve.measured, curve.shortgpt = measured, recorded["shortgpt_order"]
+    use_recorded_measurements(curve, recorded)
     earlier = round(recorded.get("earlier_seconds", 0.0) + recorded["total_seconds"], 1)  # the runs before this one
     commands = [*recorded.get("commands", [recorded["command"]]), args.command]
     curve.result = {**recorded, "earlier_seconds": earlier, "errors": [], "commands": commands}

@@ -184,6 +184,24 @@ def calibrate_thresholds(
     return record
 
 
+def recalibrate_after_training(model: MoDForCausalLM, blocks: Sequence[torch.Tensor], budget: Budget | None,
+                               blocks_per_source: int = 4) -> dict | None:
+    """Calibrate a trained model's thresholds again, to `budget` (or, without one, to the checkpoint's plan), on
+    `blocks_per_source` blocks spread over each source's `[n, seq_len]` training blocks: training moves the gates,
+    and the thresholds measured before it no longer give the budget. Returns the calibration record, or None where
+    there is nothing to calibrate to (no threshold routers, or neither a budget nor a plan)."""
+    config = model.config
+    nothing_to_aim_at = budget is None and config.routing_plan is None
+    if config.router_kind != "threshold" or not config.routed_layers or nothing_to_aim_at:
+        return None
+    device = next(model.parameters()).device
+    batches = [{"input_ids": block[None].to(device)} for source in blocks if source.shape[0]
+               for block in source[torch.linspace(0, source.shape[0] - 1, min(blocks_per_source, source.shape[0]))
+                                   .round().long()]]
+    plan = None if budget is not None else checkpoint_plan(config)
+    return calibrate_thresholds(model, batches, budget, plan=plan, progress=False)
+
+
 def calibrate_checkpoint(settings: CalibrateSettings) -> dict:
     """Calibrate the thresholds of the checkpoint `settings.model` to the budget of `settings` on `settings.data`;
     write it to `settings.out` (default: replace the input folder). A share of the blocks is held out and what the

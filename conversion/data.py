@@ -221,6 +221,31 @@ def mix_blocks(
     return mixed[torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(seed))]
 
 
+def repeat_passages(blocks: torch.Tensor, share: float, passage_tokens: int, seed: int = 0) -> torch.Tensor:
+    """A copy of `blocks` in which `share` of them (chosen at random) end with a verbatim repeat of an earlier passage
+    of the same block: the last `passage_tokens` tokens are replaced by the `passage_tokens` tokens at a random
+    position before them, so that the passage is repeated from anywhere between `passage_tokens` and
+    `seq_len - passage_tokens` tokens back.
+
+    Natural text rarely asks a model to copy from far back, and healing on it leaves look-up where removal put it
+    (issue 20's first measurements); a teacher predicts the repeat from context, and a student that matches it there
+    must learn to look back too. Other blocks, and everything before the repeat, are left as they are."""
+    n, seq_len = blocks.shape
+    if not 0.0 <= share <= 1.0:
+        raise DataError(f"repeat_share must lie in [0, 1], got {share}")
+    if share > 0 and not 1 <= passage_tokens <= seq_len // 2:
+        raise DataError(f"repeat_tokens must lie in [1, seq_len // 2 = {seq_len // 2}] so that a passage fits twice "
+                        f"in a block, got {passage_tokens}")
+    out = blocks.clone()
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n, generator=generator)[: int(round(share * n))]
+    end = seq_len - passage_tokens  # the repeat fills [end, seq_len); its source starts in [0, end - passage_tokens]
+    starts = torch.randint(0, end - passage_tokens + 1, (chosen.numel(),), generator=generator)
+    for i, start in zip(chosen.tolist(), starts.tolist()):
+        out[i, end:] = blocks[i, start : start + passage_tokens]
+    return out
+
+
 class PackedBlocks(Dataset):
     """Blocks of token ids as a causal-LM dataset (`labels` = `input_ids`; the model shifts them)."""
 

@@ -275,6 +275,11 @@ class TrainSettings(BudgetSettings, DataSettings):
     fsdp: bool = setting(False, "shard with FSDP (multi-GPU, under accelerate launch)")
     data_weights: list[float] | None = setting(None, "mixing weights, one per data source")
     max_tokens_per_source: int | None = setting(None, "read at most this many tokens per source")
+    repeat_share: float = setting(0.0, "share of training blocks that end by repeating, verbatim, a passage from "
+                                       "earlier in the block (data that exercises look-up from far back)")
+    repeat_tokens: int = setting(128, "length of a repeated passage (at most seq_len / 2)")
+    recalibrate: bool = setting(True, "at the end, calibrate the thresholds of a routed model again, to the budget "
+                                      "(or the checkpoint's plan), on blocks of the training text")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -290,6 +295,9 @@ class TrainSettings(BudgetSettings, DataSettings):
         self.check(any(getattr(self, name) > 0 for name in weights),
                    "lm_weight, distill_weight and hidden_mse_weight are all zero: nothing to train on (the routing "
                    "objective alone only moves gates)")
+        self.check(0.0 <= self.repeat_share <= 1.0, f"repeat_share must lie in [0, 1], got {self.repeat_share}")
+        self.check(self.repeat_share == 0 or 1 <= self.repeat_tokens <= self.seq_len // 2,
+                   f"repeat_tokens must lie in [1, seq_len / 2 = {self.seq_len // 2}], got {self.repeat_tokens}")
         self.check(self.distill_temperature > 0,
                    f"distill_temperature must be positive, got {self.distill_temperature}")
         self.check(self.hidden_mse_weight == 0 or self.hidden_mse_layers,

@@ -15,12 +15,11 @@ bistable (too weak and the model stays dense, too strong and every gate shuts); 
 of a `RoutingPlan` (the checkpoint's, a fit's, or it brought to `kv_fraction` / `flop_fraction`) turns it into a
 controller that settles at the budget (see `MoDConfig.load_loss_target`).
 
-A run lasts `steps`, `max_tokens` or `max_minutes`, whichever it reaches first; `CleanStop` ends it at the end of a
-step, with a checkpoint and the output, at `max_minutes` or on Ctrl-C / SIGTERM; `resume` continues from the last
-complete checkpoint; held-out evaluation logs each term and the perplexity, and `plot_held_out` draws them against
-the tokens seen. The same code runs under `accelerate launch` (DDP, FSDP, DeepSpeed; configs in
-`accelerate_configs/`).
-"""
+A run lasts `steps`, `max_tokens` or `max_minutes`, whichever comes first; `CleanStop` ends it at the end of a step,
+with a checkpoint and the output, at `max_minutes` or on Ctrl-C / SIGTERM; `resume` continues from the last complete
+checkpoint; held-out evaluation logs each term and the perplexity (`plot_held_out` draws them against tokens). Healing
+data that exercises look-up: `repeat_share` of the blocks end by repeating an earlier passage (`data.repeat_passages`).
+The same code runs under `accelerate launch` (DDP, FSDP, DeepSpeed; configs in `accelerate_configs/`)."""
 from __future__ import annotations
 
 import json
@@ -30,16 +29,11 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    PrinterCallback,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -47,6 +41,7 @@ from modification.modeling import MoDConfig, MoDForCausalLM
 
 from .atomic import atomic_output_dir
 from .budget import checkpoint_plan
+from .calibrate import recalibrate_after_training
 from .checkpoint import (
     fastest_attn_implementation,
     load_mod_model,
@@ -54,7 +49,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .data import PackedBlocks, load_blocks, mix_blocks, split_blocks
+from .data import PackedBlocks, load_blocks, mix_blocks, repeat_passages, split_blocks
 from .distill import Objective, distillation_kl, hidden_state_error, load_teacher, running_dense, teacher_folder
 from .local_paths import data_names
 from .long_runs import CleanStop, last_complete_checkpoint, plot_held_out
@@ -246,16 +241,14 @@ def default_checkpoint_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + "-checkpoints")
 
 
-def train(settings: TrainSettings) -> Path:
-    """Train the routers (and LoRA or all weights) of the MoD checkpoint `settings.model` and write a standalone
-    checkpoint to `settings.out`.
+def train(settings: TrainSettings, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """Train the routers (and LoRA or all weights) of the MoD checkpoint `settings.model`; write a standalone
+    checkpoint to `settings.out`, its thresholds calibrated again to the budget (`recalibrate`).
 
     The run lasts `steps`, `max_tokens` or `max_minutes`, whichever it reaches first. Checkpoints go to
-    `settings.checkpoint_dir` every `save_steps` (and where `max_minutes` stops the run); `resume` continues from the
-    last complete one there. With the `lora` recipe the adapter is merged into the output; `save_adapter` also
-    writes it to `out/adapter` (loadable with `PeftModel.from_pretrained` on the input checkpoint). Next to the
-    output's `training_log.json`, `held_out.png` plots the held-out loss against training tokens (with
-    `eval_steps`, where matplotlib is installed).
+    `settings.checkpoint_dir` every `save_steps`; `resume` continues from the last complete one. The `lora` adapter
+    is merged into the output (`save_adapter`: also in `out/adapter`, for `PeftModel.from_pretrained` on the input).
+    `held_out.png` plots the held-out loss against tokens (`eval_steps`). `callbacks` join the Trainer's.
     """
     out, resume, progress = Path(settings.out), settings.resume, settings.progress
     if out.exists() and not settings.overwrite:
@@ -300,6 +293,7 @@ def train(settings: TrainSettings) -> Path:
     needed = max_steps * settings.batch_size * settings.grad_accum * world if max_steps and settings.data_weights \
         else None  # without a step count, one pass over the mixed sources, repeated as the Trainer needs
     train_set = mix_blocks(train_blocks, settings.data_weights, needed, seed=settings.seed)
+    train_set = repeat_passages(train_set, settings.repeat_share, settings.repeat_tokens, seed=settings.seed)
     eval_set = torch.cat(eval_blocks) if settings.eval_fraction > 0 else None
 
     model, _ = load_mod_model(str(folder), dtype=torch.float32)
@@ -365,6 +359,8 @@ def train(settings: TrainSettings) -> Path:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
     stop = CleanStop(settings.max_minutes)
     trainer.add_callback(stop)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     started = time.monotonic()
     with stop.catching_signals():
         result = trainer.train(resume_from_checkpoint=last if resume else None)
@@ -378,12 +374,20 @@ def train(settings: TrainSettings) -> Path:
                 if settings.save_adapter:
                     trained.save_pretrained(tmp / "adapter")
                 final = trained.merge_and_unload()
-            # thresholds measured before training no longer hold; the fit's per-layer plan does (calibrate reuses it)
+            # thresholds measured before training no longer hold: calibrated again (or marked stale); the fit's
+            # per-layer plan still does (calibrate reuses it)
             fit = (final.config.calibration or {}).get("fit")
-            final.config.calibration = {"fit": fit, "stale": True} if fit else None
+            calibration = recalibrate_after_training(final, train_blocks, settings.budget()) \
+                if settings.recalibrate else None
+            if calibration is None:
+                final.config.calibration = {"fit": fit, "stale": True} if fit else None
+            elif fit:
+                final.config.calibration = {**calibration, "fit": fit}
             save_checkpoint(final, tmp, companions_from=folder)
             record = training_record(settings, trainer, result)
             record.update(stopped_by=stop.stopped_by or "steps", minutes=round(minutes, 2))
+            if calibration is not None:
+                record["recalibrated"] = calibration["measured"]
             if settings.teacher is not None:
                 record["teacher"] = settings.teacher  # made public (a local folder by its name) with the record
             if resume:

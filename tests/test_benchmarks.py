@@ -187,3 +187,23 @@ def test_cuda_peak_memory_is_taken_in_the_warm_up_round_of_each_model(monkeypatc
         "mod_peak_memory_bytes": 50, "base_peak_memory_bytes": 160, "peak_memory_ratio": 50 / 160}
     _, on_cpu = benchmark._alternating(run, 1, torch.device("cpu"), tqdm(disable=True))
     assert benchmark._peak_memory_fields(on_cpu) == {} and "peak_memory_bytes" not in on_cpu["mod"]
+
+
+def test_healing_curve_runs_name_their_parts_and_evaluate_a_merged_copy():
+    healing = _script("healing_curve")
+    spec = healing.RunSpec.parse("attention-fitted@0.9:lm:routers:texts")
+    assert (spec.variant, spec.kv_fraction, spec.objective, spec.recipe, spec.data) == (
+        "attention-fitted", 0.9, "lm", "routers", "texts")
+    assert healing.RunSpec.parse("attention-removal@0.8").name == "attention-removal@0.8:distill:lora:repeat"
+    for bad in ("attention-fitted", "nope@0.9", "attention-fitted@0.9:adam"):
+        with pytest.raises(ValueError, match="run"):
+            healing.RunSpec.parse(bad)
+    from peft import LoraConfig, get_peft_model
+
+    model = convert_model(tiny_base("llama", num_layers=4), router_kind="threshold")
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    twin = healing.evaluation_copy(adapted)
+    ids = _batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(twin(ids).logits, adapted(ids).logits, atol=1e-5)
+    assert type(twin).__name__ == "MoDForCausalLM" and hasattr(adapted, "peft_config")  # the original keeps LoRA

@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 from modification.conversion import train as train_module
 from modification.conversion.checkpoint import load_mod_model
 from modification.conversion.convert import convert_model
+from modification.conversion.data import DataError, repeat_passages
 from modification.conversion.distill import Objective, distillation_kl, load_teacher, running_dense
 from modification.conversion.settings import DEFAULT_STEPS, TrainSettings
 from modification.conversion.steps import SettingsError
@@ -194,6 +195,8 @@ def test_a_separate_teacher_and_its_vocabulary(text_ckpt, tmp_path):
     ({"distill_temperature": 0.0}, "distill_temperature"),
     ({"hidden_mse_weight": 1.0}, "hidden_mse_layers"),
     ({"teacher": "t", "distill_weight": 0.0, "lm_weight": 1.0}, "teacher"),
+    ({"repeat_share": 1.5}, "repeat_share"),
+    ({"repeat_share": 0.5, "repeat_tokens": 300}, "repeat_tokens"),  # a passage must fit twice in 512 tokens
 ])
 def test_bad_budgets_and_weights_name_the_field(values, field):
     with pytest.raises(SettingsError, match=field):
@@ -362,3 +365,35 @@ def test_ctrl_c_stops_at_the_end_of_the_step_and_saves(text_ckpt, tmp_path, monk
     assert record["stopped_by"] == "SIGINT" and record["completed_steps"] == 2
     assert (tmp_path / "out-checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
     assert signal.getsignal(signal.SIGINT) is handler  # restored
+
+
+def test_repeated_passages_copy_an_earlier_span_of_the_same_block():
+    blocks = torch.arange(40 * 64).view(40, 64)  # every token distinct: a copy can only come from its own block
+    out = repeat_passages(blocks, share=0.25, passage_tokens=16, seed=3)
+    changed = [i for i in range(40) if not torch.equal(out[i], blocks[i])]
+    assert len(changed) == 10
+    for i in changed:
+        assert torch.equal(out[i, :48], blocks[i, :48])  # everything before the repeat is as it was
+        start = int(out[i, 48] - blocks[i, 0])
+        assert 0 <= start <= 32 and torch.equal(out[i, 48:], blocks[i, start:start + 16])
+    assert torch.equal(repeat_passages(blocks, 0.25, 16, seed=3), out)  # the same seed, the same data
+    assert torch.equal(repeat_passages(blocks, 0.0, 16), blocks)
+    with pytest.raises(DataError, match="repeat_tokens"):
+        repeat_passages(blocks, 0.5, 40)
+
+
+def test_training_ends_with_thresholds_calibrated_to_the_budget(text_ckpt, tmp_path):
+    mod, train_file, _ = text_ckpt
+    settings = train_settings(mod, tmp_path / "out", train_file, recipe="routers", steps=6, kv_fraction=0.8,
+                              load_loss_coef=1.0, router_learning_rate=0.05, repeat_share=0.5, repeat_tokens=16)
+    out = train(settings)
+    config = json.loads((out / "config.json").read_text())
+    assert config["calibration"]["budget"] == {"kv_fraction": 0.8} and "stale" not in config["calibration"]
+    assert abs(config["calibration"]["measured"]["kv_fraction"] - 0.8) < 0.02
+    record = json.loads((out / "results.json").read_text())["training"]
+    assert record["recalibrated"] == config["calibration"]["measured"] and record["repeat_share"] == 0.5
+    # not asked to: the thresholds of before training stay, and nothing claims they give the budget
+    out = train(replace(settings, out=str(tmp_path / "kept"), recalibrate=False))
+    config = json.loads((out / "config.json").read_text())
+    assert config["calibration"] is None and "recalibrated" not in json.loads((out / "results.json").read_text())[
+        "training"]
