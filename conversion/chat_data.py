@@ -108,12 +108,15 @@ _WORD = re.compile(r"[A-Za-z]{7,}")
 
 
 def _passage(lines: list[str], start: int) -> str | None:
-    """60-150 words of whole lines from line `start` on (a longer line is cut after a sentence, or at 150 words);
-    None where that place is boilerplate or too short."""
+    """60-150 words of whole lines from the first paragraph start at or after line `start` (a longer line is cut
+    after a sentence, or at 150 words); None where that place is boilerplate or too short."""
     low, high = PASSAGE_WORDS
+    # start where a paragraph (a speech, a chapter) starts, where one does within a few lines
+    after_blank = next((i + 1 for i in range(start, min(start + 40, len(lines) - 1)) if not lines[i].strip()
+                        and lines[i + 1].strip()), start)
     kept: list[str] = []
     words = 0
-    for line in lines[start:]:
+    for line in lines[after_blank:]:
         line = line.strip()
         if not line:
             if kept and kept[-1] != "":
