@@ -97,7 +97,7 @@ GENERAL_PROMPTS = (
 )
 
 # Places in a text that are not prose of the work (licence and transcription notes) and make poor prompts.
-_BOILERPLATE = re.compile(r"gutenberg|e-?text|copyright|electronic version|http|www\.|\*\*\*", re.IGNORECASE)
+_BOILERPLATE = re.compile(r"gutenberg|\be-?text|copyright|electronic version|http|www\.|\*\*\*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?;:]['\"]?$")
 _WORD = re.compile(r"[A-Za-z]{7,}")
 
