@@ -7,6 +7,7 @@ COMMANDS = {
     "fit": "fit",
     "train": "train",
     "calibrate": "calibrate",
+    "chat-data": "chat_data",
     "eval": "eval",
     "bench": "bench",
     "show-routing": "show_routing",

@@ -1,6 +1,6 @@
-"""What `convert`, `fit`, `train` and `calibrate` run with: one dataclass per step, each field declared once with its
-help and checked when the settings are built (see `steps.py` for how: flags, `--config` files and manifest sections
-are these fields), and the fields several steps declare alike.
+"""What `convert`, `fit`, `train`, `calibrate` and `chat-data` run with: one dataclass per step, each field declared
+once with its help and checked when the settings are built (see `steps.py` for how: flags, `--config` files and
+manifest sections are these fields), and the fields several steps declare alike.
 """
 
 from __future__ import annotations
@@ -338,3 +338,35 @@ class CalibrateSettings(BudgetSettings, DataSettings):
         self.check(self.seq_len >= 2 and self.max_blocks >= 1, "seq_len must be at least 2 and max_blocks at least 1")
         self.check(0.0 <= self.held_out_fraction < 1.0,
                    f"held_out_fraction must lie in [0, 1), got {self.held_out_fraction}")
+
+
+@dataclass
+class ChatDataSettings(StepSettings):
+    """What `modification chat-data` writes (see `conversion/chat_data.py`): the base's own greedy answers to prompts
+    made from the train parts of the offline texts, as a `.jsonl` file that `train --data` reads."""
+
+    step: ClassVar[str] = "chat-data"
+
+    base: str = setting("smollm2-135m-instruct", "the base that answers: a `fetch-base` name or a model folder (with "
+                                                 "a chat template)")
+    prompts: int = setting(256, "prompts to answer (about one in eight from the module's general prompts, the rest "
+                                "made from passages of the texts' train parts)")
+    max_new_tokens: int = setting(256, "longest answer, in tokens (a longer one is cut)")
+    batch_size: int = setting(8, "prompts answered together (left-padded)")
+    seed: int = setting(0, "which passages, words and general prompts the prompts are made from")
+    texts: list[str] = setting([], "text kinds the prompts are made from (shakespeare, kjv, gcide; default: every "
+                                    "kind available here)")
+    out: str | None = out_setting("output .jsonl file (default: cached under <cache>/healing/<base>/, named by what "
+                                  "makes it, and reused when it exists)", required=False)
+    overwrite: bool = overwrite_setting("answer again and replace an existing output file")
+    progress: bool = progress_setting()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .texts import TEXT_KINDS
+
+        for name in ("prompts", "max_new_tokens", "batch_size"):
+            self.check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        unknown = [kind for kind in self.texts if kind not in TEXT_KINDS]
+        self.check(not unknown, f"texts: unknown kind(s) {', '.join(unknown)}; known: {', '.join(TEXT_KINDS)}")
+        self.check(len(set(self.texts)) == len(self.texts), f"texts names a kind twice: {', '.join(self.texts)}")

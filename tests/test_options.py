@@ -20,7 +20,7 @@ from modification.cli.main import build_parser
 from modification.cli.main import main as cli
 from modification.cli.options import settings_from_args
 from modification.conversion.results import routing_section
-from modification.conversion.settings import TrainSettings
+from modification.conversion.settings import ChatDataSettings, TrainSettings
 from modification.conversion.steps import SettingsError, flag
 from modification.evaluation.settings import RoutingMapSettings
 from modification.model_cards.card import _routing_rows, _training_rows, fmt, render_card
@@ -106,8 +106,10 @@ SETTINGS_SAMPLES = {
     "push": {"checkpoint": "mod", "repo_id": "org/m", "private": True, "create_pr": True, "dry_run": True,
              "commit_message": "hi there", "base_model": "org/base"},
     "show-routing": {"model": "mod", "text": "some words", "max_tokens": 32},
+    "chat-data": {"base": "org/base", "prompts": 32, "max_new_tokens": 64, "batch_size": 4, "seed": 3,
+                  "texts": ["shakespeare", "kjv"], "out": "chat.jsonl", "overwrite": True, "progress": False},
 }
-SETTINGS = {**STEP_SETTINGS, "show-routing": RoutingMapSettings}
+SETTINGS = {**STEP_SETTINGS, "show-routing": RoutingMapSettings, "chat-data": ChatDataSettings}
 
 
 def _defaults(cls) -> dict:
