@@ -236,6 +236,8 @@ def repeat_passages(blocks: torch.Tensor, share: float, passage_tokens: int, see
     if share > 0 and not 1 <= passage_tokens <= seq_len // 2:
         raise DataError(f"repeat_tokens must lie in [1, seq_len // 2 = {seq_len // 2}] so that a passage fits twice "
                         f"in a block, got {passage_tokens}")
+    if share == 0:
+        return blocks
     out = blocks.clone()
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=generator)[: int(round(share * n))]

@@ -119,7 +119,8 @@ def test_answers_are_whole_conversations_that_train_reads(texts_cache, chat_base
 
 
 def test_the_step_writes_once_and_reuses_without_loading_the_model(texts_cache, chat_base, monkeypatch, capsys):
-    settings = ChatDataSettings(base=str(chat_base), prompts=6, max_new_tokens=4, batch_size=4, progress=False)
+    settings = ChatDataSettings(base=str(chat_base), prompts=6, max_new_tokens=4, batch_size=4, texts=["shakespeare"],
+                                progress=False)
     out = chat_data(settings)
     assert out.parent == texts_cache / "healing" / chat_base.name and out.name.startswith("chat-6-")
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -140,10 +141,11 @@ def test_the_step_writes_once_and_reuses_without_loading_the_model(texts_cache, 
     other = chat_data_module.chat_data_key(str(chat_base), healing_prompts(6, seed=1, kinds=["shakespeare"]), 4, "t")
     assert other not in out.name
     with pytest.raises(FileExistsError, match="--overwrite"):
-        chat_data(ChatDataSettings(base=str(chat_base), prompts=6, max_new_tokens=5, out=str(out), progress=False))
+        chat_data(ChatDataSettings(base=str(chat_base), prompts=6, max_new_tokens=5, out=str(out),
+                                   texts=["shakespeare"], progress=False))
     # the command prints the path it wrote (here: reused)
     assert main(["chat-data", "--base", str(chat_base), "--prompts", "6", "--max-new-tokens", "4",
-                 "--batch-size", "4", "--no-progress"]) == 0
+                 "--batch-size", "4", "--texts", "shakespeare", "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
 
 
