@@ -105,6 +105,8 @@ class CurvePoints(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step not in self.steps:
             return
+        if state.global_step == max(self.steps):  # the last point: the rest of a longer schedule is not run
+            control.should_training_stop = True
         start = time.monotonic()
         twin = evaluation_copy(model)
         if self.routed:
@@ -125,6 +127,7 @@ def heal_run(curve: kv_curve.Curve, spec: RunSpec, args) -> dict:
     routed = model.config.routing_plan is not None
     tokens_per_step = args.batch_size * args.seq_len
     steps = [max(1, round(p / tokens_per_step)) for p in args.points]
+    schedule_steps = max(steps + [round((args.schedule_tokens or 0) / tokens_per_step)])
     data = list(curve.train_texts)
     if spec.data.endswith("+chat"):
         if not args.chat_data:
@@ -135,7 +138,7 @@ def heal_run(curve: kv_curve.Curve, spec: RunSpec, args) -> dict:
         start = Path(tmp) / "start"
         save_checkpoint(model, start, companions_from=curve.base_dir)
         settings = TrainSettings(
-            model=str(start), out=str(Path(tmp) / "healed"), data=data, recipe=spec.recipe, steps=max(steps),
+            model=str(start), out=str(Path(tmp) / "healed"), data=data, recipe=spec.recipe, steps=schedule_steps,
             seq_len=args.seq_len, batch_size=args.batch_size, kv_fraction=spec.kv_fraction if routed else None,
             repeat_share=args.repeat_share if spec.data.startswith("repeat") else 0.0, warmup_steps=args.warmup_steps,
             save_steps=10**6, logging_steps=5, progress=False, seed=0, **OBJECTIVES[spec.objective])
@@ -144,7 +147,8 @@ def heal_run(curve: kv_curve.Curve, spec: RunSpec, args) -> dict:
     keep = ("recipe", "distill_weight", "distill_temperature", "lm_weight", "learning_rate", "sequence_length",
             "batch_size", "repeat_share", "repeat_tokens", "warmup_steps", "tokens", "minutes", "completed_steps",
             "final_train_loss", "data")
-    return {"spec": spec.__dict__, "training": {k: recorded[k] for k in keep if k in recorded}, "points": points}
+    return {"spec": spec.__dict__, "training": {k: recorded[k] for k in keep if k in recorded},
+            "schedule_tokens": schedule_steps * tokens_per_step, "points": points}
 
 
 def run(args) -> dict:
@@ -190,6 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="VARIANT@F[:OBJECTIVE][:RECIPE][:DATA] (see above)")
     parser.add_argument("--points", type=lambda s: [int(x) for x in s.split(",")], default=[65536, 262144],
                         help="training tokens at which to evaluate; the run ends at the last")
+    parser.add_argument("--schedule-tokens", type=int, default=None, help="length of the learning-rate schedule "
+                        "(default: the last point); a longer one stops at the last point, so that a short run is "
+                        "measured where a long run with that schedule was")
     parser.add_argument("--seq-len", type=int, default=2048, help="training sequence length (look-up needs length)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeat-share", type=float, default=0.25, help="share of blocks ending in a repeat (DATA "

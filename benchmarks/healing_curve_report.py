@@ -27,6 +27,12 @@ def points(run: dict) -> list[dict]:
     return untrained + run["points"]
 
 
+def run_name(name: str, run: dict) -> str:
+    """The run's name, and the length of its learning-rate schedule where the run stopped before its end."""
+    schedule = run.get("schedule_tokens", run["points"][-1]["tokens"])
+    return name + (f" (schedule {schedule:,} tokens)" if schedule > run["points"][-1]["tokens"] else "")
+
+
 def row(name: str, m: dict, base: dict, result: dict) -> list[str]:
     long = long_key(result)
     ppl = " / ".join(f"{m['perplexity_512'][k] / base['perplexity_512'][k]:.3f}" for k in base["perplexity_512"])
@@ -47,14 +53,15 @@ def numbers_tables(result: dict) -> str:
     fractions = sorted({run["spec"]["kv_fraction"] for run in result["runs"].values()}, reverse=True)
     parts = []
     for f in fractions:
-        rows = [row(name, m, base, result) for name, run in result["runs"].items()
+        rows = [row(run_name(name, run), m, base, result) for name, run in result["runs"].items()
                 if run["spec"]["kv_fraction"] == f for m in points(run)]
         parts.append([f"### KV fraction {f}", ""] + report.markdown_table(header, [base_row] + rows))
     s = result["settings"]
-    parts.append([f"Training: sequences of {s['seq_len']} tokens, batch {s['batch_size']}, {s['warmup_steps']} warm-up "
-                  f"steps, cosine schedule to the last point; `repeat` data: {s['repeat_share']:.0%} of the blocks end "
-                  "in a repeat of an earlier passage. Training minutes are this machine's (alone), evaluation "
-                  "excluded. Commands: " + "; ".join(f"`{c}`" for c in result["commands"]) + "."])
+    parts.append([f"Training: sequences of {s['seq_len']} tokens, batch {s['batch_size']}, {s['warmup_steps']} "
+                  "warm-up steps, cosine schedule to the run's last point unless said; `repeat` data: "
+                  f"{s['repeat_share']:.0%} of the blocks end in a repeat of an earlier passage. Training minutes are "
+                  "this machine's (alone), evaluation excluded. Commands: "
+                  + "; ".join(f"`{c}`" for c in result["commands"]) + "."])
     if result.get("errors"):
         parts.append([f"Failed (see the JSON): {', '.join(e.split(':')[0] for e in result['errors'])}."])
     return "\n\n".join("\n".join(part) for part in parts) + "\n"

@@ -142,6 +142,8 @@ def test_the_tables_in_docs_are_those_of_the_committed_json():
     assert _docs_section("quality_curve") + "\n" == _script("quality_curve_report").numbers_tables(result)
     kv_curve = json.loads((ROOT / "benchmarks/results/kv_curve.json").read_text())
     assert _docs_section("kv_curve") + "\n" == _script("kv_curve_report").numbers_tables(kv_curve)
+    healing = json.loads((ROOT / "benchmarks/results/healing_curve.json").read_text())
+    assert _docs_section("healing_curve") + "\n" == _script("healing_curve_report").numbers_tables(healing)
     topk = _script("topk_vs_threshold")
     record = json.loads((ROOT / "docs/results.json").read_text())
     assert _docs_section("topk_vs_threshold") == "\n".join(topk.variants_table(record))
