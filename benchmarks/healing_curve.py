@@ -54,6 +54,7 @@ from modification.evaluation.benchmark import describe_device  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = {"distill": {}, "lm": {"lm_weight": 1.0, "distill_weight": 0.0}}
 DATA = ("repeat", "texts", "repeat+chat", "texts+chat")
+BUILT: dict[tuple[str, float], torch.nn.Module] = {}  # (variant, KV fraction) -> the untrained model
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,10 @@ class CurvePoints(TrainerCallback):
 
 def heal_run(curve: kv_curve.Curve, spec: RunSpec, args) -> dict:
     """One run: build the variant, train it to the last token point, evaluating at each."""
-    model, _ = kv_curve.BUILDERS[spec.variant](curve, spec.kv_fraction)
+    key = (spec.variant, spec.kv_fraction)
+    if key not in BUILT:  # runs of one variant start from the same model: built (fitted) once
+        BUILT[key] = kv_curve.BUILDERS[spec.variant](curve, spec.kv_fraction)[0]
+    model = BUILT[key]  # not changed by training, which loads the checkpoint saved from it
     routed = model.config.routing_plan is not None
     tokens_per_step = args.batch_size * args.seq_len
     steps = [max(1, round(p / tokens_per_step)) for p in args.points]

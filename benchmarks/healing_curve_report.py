@@ -60,7 +60,7 @@ def numbers_tables(result: dict) -> str:
     parts.append([f"Training: sequences of {s['seq_len']} tokens, batch {s['batch_size']}, {s['warmup_steps']} "
                   "warm-up steps, cosine schedule to the run's last point unless said; `repeat` data: "
                   f"{s['repeat_share']:.0%} of the blocks end in a repeat of an earlier passage. Training minutes are "
-                  "this machine's (alone), evaluation excluded. Commands: "
+                  "this machine's, nothing else running, evaluation excluded. Commands: "
                   + "; ".join(f"`{c}`" for c in result["commands"]) + "."])
     if result.get("errors"):
         parts.append([f"Failed (see the JSON): {', '.join(e.split(':')[0] for e in result['errors'])}."])
@@ -84,6 +84,7 @@ def plot(result: dict, png_path: Path) -> None:
             ax.plot([p["tokens"] for p in pts], [value(p) for p in pts], style, color=f"C{i}", label=name)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
         ax.set_xlabel("training tokens")
         ax.set_title(("perplexity / base, " if "look-up" not in title else "") + title)
     axes[0].legend(fontsize=7)

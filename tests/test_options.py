@@ -80,6 +80,9 @@ TRAIN_SAMPLES = {
     "fsdp": True,
     "data_weights": [1.0],
     "max_tokens_per_source": 4000,
+    "repeat_share": 0.5,
+    "repeat_tokens": 8,
+    "recalibrate": False,
 }
 
 # One budget is given: the samples give the FLOP budget, so the KV budget stays unset.
@@ -119,11 +122,11 @@ def _defaults(cls) -> dict:
 
 def _argv(values: dict) -> list[str]:
     """Command-line arguments written by hand from the naming rule: field `a_b` is flag `--a-b`, lists are
-    comma-separated except `data`, a true bool is the bare flag."""
+    comma-separated except `data`, a true bool is the bare flag, a false one `--no-` and the flag."""
     argv = []
     for name, value in values.items():
-        if value is True:
-            argv.append("--" + name.replace("_", "-"))
+        if isinstance(value, bool):
+            argv.append(("--" if value else "--no-") + name.replace("_", "-"))
         elif name == "data":
             argv += ["--data", *value]
         else:
@@ -249,7 +252,8 @@ def test_training_settings_round_trip_cli_settings_results_card(tmp_path, offlin
     # A real run with every value but fsdp (field, split and config are not read from a .txt file).
     run = {**values, "fsdp": False}
     out = tmp_path / "trained"
-    assert cli(["train", "--model", str(mod), "--out", str(out), *_argv({k: v for k, v in run.items() if v})]) == 0
+    flags = _argv({k: v for k, v in run.items() if k != "fsdp"})
+    assert cli(["train", "--model", str(mod), "--out", str(out), *flags]) == 0
     training = json.loads((out / "results.json").read_text())["training"]
     # settings -> results.json (data by file name: nothing local is published)
     assert [Path(d).name for d in training["data"]] == ["train.txt"]
