@@ -60,7 +60,7 @@ def numbers_tables(result: dict) -> str:
     parts.append([f"Training: sequences of {s['seq_len']} tokens, batch {s['batch_size']}, {s['warmup_steps']} "
                   "warm-up steps, cosine schedule to the run's last point unless said; `repeat` data: "
                   f"{s['repeat_share']:.0%} of the blocks end in a repeat of an earlier passage. Training minutes are "
-                  "this machine's, nothing else running, evaluation excluded. Commands: "
+                  "this machine's, evaluation excluded. Commands: "
                   + "; ".join(f"`{c}`" for c in result["commands"]) + "."])
     if result.get("errors"):
         parts.append([f"Failed (see the JSON): {', '.join(e.split(':')[0] for e in result['errors'])}."])
