@@ -27,10 +27,12 @@ def points(run: dict) -> list[dict]:
     return untrained + run["points"]
 
 
-def run_name(name: str, run: dict) -> str:
-    """The run's name, and the length of its learning-rate schedule where the run stopped before its end."""
-    schedule = run.get("schedule_tokens", run["points"][-1]["tokens"])
-    return name + (f" (schedule {schedule:,} tokens)" if schedule > run["points"][-1]["tokens"] else "")
+def run_name(run: dict) -> str:
+    """The run's name and the length of its learning-rate schedule (its key in the JSON), and whether it is still
+    under way (stopped by a time budget, to be continued)."""
+    spec = run["spec"]
+    name = f"{spec['variant']}@{spec['kv_fraction']}:{spec['objective']}:{spec['recipe']}:{spec['data']}"
+    return f"{name} (schedule {run['schedule_tokens']:,})" + ("" if run.get("complete", True) else ", under way")
 
 
 def row(name: str, m: dict, base: dict, result: dict) -> list[str]:
@@ -44,7 +46,7 @@ def row(name: str, m: dict, base: dict, result: dict) -> list[str]:
 def numbers_tables(result: dict) -> str:
     base, context = result["base"], result["kv_curve_settings"]["long_context"]
     kinds, distances = " / ".join(base["perplexity_512"]), " / ".join(base["lookup"])
-    header = ["run (variant@KV:objective:recipe:data)", "training tokens", "training min", "KV",
+    header = ["run (variant@KV:objective:recipe:data, schedule in tokens)", "training tokens", "training min", "KV",
               f"perplexity at 512 (x base; {kinds})", f"perplexity at {context} (x base)",
               f"look-up accuracy ({distances} back)"]
     base_row = ["base: " + " / ".join(f"{v:.1f}" for v in base["perplexity_512"].values()) + f", {context}: "
@@ -53,12 +55,13 @@ def numbers_tables(result: dict) -> str:
     fractions = sorted({run["spec"]["kv_fraction"] for run in result["runs"].values()}, reverse=True)
     parts = []
     for f in fractions:
-        rows = [row(run_name(name, run), m, base, result) for name, run in result["runs"].items()
+        rows = [row(run_name(run), m, base, result) for run in result["runs"].values()
                 if run["spec"]["kv_fraction"] == f for m in points(run)]
         parts.append([f"### KV fraction {f}", ""] + report.markdown_table(header, [base_row] + rows))
     s = result["settings"]
     parts.append([f"Training: sequences of {s['seq_len']} tokens, batch {s['batch_size']}, {s['warmup_steps']} "
-                  "warm-up steps, cosine schedule to the run's last point unless said; `repeat` data: "
+                  "warm-up steps, a cosine learning-rate schedule as long as the run's schedule (a run whose last "
+                  "point comes before the schedule's end stopped there); `repeat` data: "
                   f"{s['repeat_share']:.0%} of the blocks end in a repeat of an earlier passage. Training minutes are "
                   "this machine's, evaluation excluded. Commands: "
                   + "; ".join(f"`{c}`" for c in result["commands"]) + "."])
@@ -78,10 +81,10 @@ def plot(result: dict, png_path: Path) -> None:
                lambda m: m["lookup"][middle]["accuracy"] / base["lookup"][middle]["accuracy"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.5))
     for ax, (title, value) in zip(axes, panels):
-        for i, (name, run) in enumerate(result["runs"].items()):
+        for i, run in enumerate(result["runs"].values()):
             pts = points(run)
             style = "o-" if "removal" not in run["spec"]["variant"] else "x--"
-            ax.plot([p["tokens"] for p in pts], [value(p) for p in pts], style, color=f"C{i}", label=name)
+            ax.plot([p["tokens"] for p in pts], [value(p) for p in pts], style, color=f"C{i}", label=run_name(run))
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")

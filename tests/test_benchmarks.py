@@ -197,6 +197,7 @@ def test_healing_curve_runs_name_their_parts_and_evaluate_a_merged_copy():
     assert (spec.variant, spec.kv_fraction, spec.objective, spec.recipe, spec.data) == (
         "attention-fitted", 0.9, "lm", "routers", "texts")
     assert healing.RunSpec.parse("attention-removal@0.8").name == "attention-removal@0.8:distill:lora:repeat"
+    assert healing.RunSpec.parse("attention-fitted@0.8:lora-fixed-routers").recipe == "lora-fixed-routers"
     for bad in ("attention-fitted", "nope@0.9", "attention-fitted@0.9:adam"):
         with pytest.raises(ValueError, match="run"):
             healing.RunSpec.parse(bad)
@@ -209,3 +210,38 @@ def test_healing_curve_runs_name_their_parts_and_evaluate_a_merged_copy():
     with torch.no_grad():
         assert torch.allclose(twin(ids).logits, adapted(ids).logits, atol=1e-5)
     assert type(twin).__name__ == "MoDForCausalLM" and hasattr(adapted, "peft_config")  # the original keeps LoRA
+
+
+def test_healing_curve_run_stopped_by_its_time_budget_continues_from_its_checkpoint(text_ckpt, tmp_path, monkeypatch):
+    import argparse
+
+    from modification.conversion.checkpoint import load_mod_model
+
+    healing = _script("healing_curve")
+    mod, train_file, _ = text_ckpt
+    monkeypatch.setitem(healing.kv_curve.BUILDERS, "attention-removal", lambda curve, f: load_mod_model(str(mod)))
+    ids = torch.randint(3, 300, (1, 32), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(healing.kv_curve, "evaluate", lambda model, curve: {"loss": float(model(ids, labels=ids).loss)})
+    curve = healing.kv_curve.Curve(args=None, base=None, held_out={}, long_text=None, calib=[], fit_options=None,
+                                   measured=None, shortgpt=[], base_dir=mod, train_texts=[str(train_file)])
+    spec = healing.RunSpec.parse("attention-removal@0.9:lm:full:texts")  # full: the LM loss moves every weight
+
+    def args(work: str, max_minutes: float | None) -> argparse.Namespace:  # 128 tokens a step: points at steps 1, 4
+        return argparse.Namespace(points=[128, 512], schedule_tokens=None, batch_size=2, seq_len=64, repeat_share=0.0,
+                                  warmup_steps=0, max_minutes=max_minutes, save_steps=1, work_dir=str(tmp_path / work),
+                                  chat_data=None)
+
+    key = healing.run_key(spec, healing.schedule_tokens(args("a", None)))
+    assert key == "attention-removal@0.9:lm:full:texts/512"
+    stopped = healing.heal_run(curve, spec, args("a", 1e-9))  # the time budget ends it after its first step
+    assert not stopped["complete"] and stopped["stopped_at_step"] == 1
+    assert [p["steps"] for p in stopped["points"]] == [1]
+    assert any((tmp_path / "a").rglob("checkpoint-1"))
+    resumed = healing.heal_run(curve, spec, args("a", None))
+    assert resumed["complete"] and [p["steps"] for p in resumed["points"]] == [1, 4]
+    assert not any((tmp_path / "a").iterdir())  # a complete run leaves nothing behind
+    whole = healing.heal_run(curve, spec, args("b", None))
+    assert [p["tokens"] for p in whole["points"]] == [p["tokens"] for p in resumed["points"]] == [128, 512]
+    for a, b in zip(whole["points"], resumed["points"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert abs(whole["points"][0]["loss"] - whole["points"][1]["loss"]) > 1e-4  # training moved it, by more than that
